@@ -1,0 +1,1 @@
+"""gpuctl: the operator's CLI for gpud, over the admin Unix socket."""

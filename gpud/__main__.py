@@ -1,0 +1,108 @@
+"""`gpud` command line: run the daemon, check a configuration, print the version."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gpud import __version__, config
+from gpud.errors import ConfigError
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="YAML settings file (default /etc/gpud/gpud.yaml, or $GPUD_CONFIG).",
+)
+DEV_OPTION = click.option(
+    "--dev",
+    is_flag=True,
+    help="Embedded defaults for trying gpud: two static GPUs, a user socket, example presets.",
+)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="gpud")
+def cli() -> None:
+    """gpud: GPU task daemon (sessions, one-off tasks, SSE streaming)."""
+
+
+@cli.command()
+@CONFIG_OPTION
+@DEV_OPTION
+@click.option("--listen", "http_listen", default=None, help="Public API address host:port (GPUD_HTTP_LISTEN).")
+@click.option("--admin-socket", default=None, help="Admin Unix socket path (GPUD_ADMIN_SOCKET).")
+@click.option("--runtime", default=None, help="Worker runtime: podman, docker or process (GPUD_RUNTIME).")
+@click.option("--gpu-backend", default=None, help="GPU inventory: auto, nvml or static (GPUD_GPU_BACKEND).")
+@click.option("--log-level", default=None, help="debug, info, warning or error (GPUD_LOG_LEVEL).")
+def run(config_file: Path | None, dev: bool, **flags: Any) -> None:
+    """Run the daemon in the foreground (systemd supervises it; it never daemonizes itself)."""
+    import os
+
+    from gpud import logs
+    from gpud.daemon import Daemon, LoadRequest
+    from gpud.listeners import AlreadyRunning
+
+    request = LoadRequest(config_file=config_file, flags=flags, dev=dev, environ=dict(os.environ))
+    settings = _load_or_exit(request.load)
+    logs.setup_logging(settings.log_level)
+    try:
+        code = asyncio.run(Daemon(request, settings).run())
+    except AlreadyRunning as exc:
+        click.echo(f"gpud: {exc}", err=True)
+        sys.exit(1)
+    except ConfigError as exc:
+        _print_problems(exc)
+        sys.exit(2)
+    sys.exit(code)
+
+
+@cli.command("check-config")
+@CONFIG_OPTION
+@DEV_OPTION
+def check_config(config_file: Path | None, dev: bool) -> None:
+    """Validate settings and the presets file; print one line per problem."""
+    from gpud.presets import load_presets
+
+    settings = _load_or_exit(lambda: config.load(config_file, dev=dev))
+    try:
+        catalog = load_presets(settings.presets_file)
+    except ConfigError as exc:
+        _print_problems(exc)
+        sys.exit(2)
+    source = settings.config_file or "built-in defaults and environment"
+    click.echo(f"configuration OK ({source}); {len(catalog.all())} preset(s) in {catalog.source}")
+
+
+@cli.command()
+def version() -> None:
+    """Print the version."""
+    click.echo(__version__)
+
+
+def _load_or_exit(load: Any) -> config.Settings:
+    try:
+        settings: config.Settings = load()
+    except ConfigError as exc:
+        _print_problems(exc)
+        sys.exit(2)
+    return settings
+
+
+def _print_problems(exc: ConfigError) -> None:
+    for problem in exc.problems:
+        click.echo(f"gpud: config error: {problem}", err=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

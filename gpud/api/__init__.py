@@ -1,0 +1,1 @@
+"""gpud's web layer: the public TCP app and the admin Unix-socket app."""

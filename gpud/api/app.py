@@ -1,0 +1,35 @@
+"""The two aiohttp applications: public (TCP, API keys) and admin (Unix socket, peer credentials)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gpud.api.keys import SERVICES
+from gpud.api.middleware import api_key_middleware, error_middleware, metrics_middleware, peer_middleware
+from gpud.api.peercred import PeerPolicy
+from gpud.api.routes_admin import add_admin_routes
+from gpud.api.routes_health import add_health_routes
+from gpud.services import Services
+
+
+def make_public_app(services: Services) -> web.Application:
+    """The TCP app: tasks, sessions, health and metrics, behind X-API-Key."""
+    app = web.Application(
+        middlewares=[metrics_middleware("public"), error_middleware, api_key_middleware],
+        client_max_size=services.settings.max_request_bytes,
+    )
+    app[SERVICES] = services
+    add_health_routes(app)
+    return app
+
+
+def make_admin_app(services: Services, policy: PeerPolicy) -> web.Application:
+    """The Unix-socket app: everything public plus operator routes; the peer's credentials are the auth."""
+    app = web.Application(
+        middlewares=[metrics_middleware("admin"), error_middleware, peer_middleware(policy)],
+        client_max_size=services.settings.max_request_bytes,
+    )
+    app[SERVICES] = services
+    add_health_routes(app)
+    add_admin_routes(app)
+    return app

@@ -1,0 +1,225 @@
+"""gpud's settings: one typed, frozen object resolved from defaults < YAML file < environment < flags.
+
+Every setting has one YAML key (its field name) and one or more environment names: the original design's names
+(`GPU_DEVICE_IDS`, `SESSION_IDLE_TIMEOUT_SECONDS`, ...) stay valid; settings added since use a `GPUD_` prefix.
+Secrets may also be read from a file named by `<ENV>_FILE` (e.g. `INTERNAL_API_KEY_FILE`), so they need not sit
+in the environment. Problems are collected, not raised one by one: `ConfigError.problems` names each key and the
+place its value came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpud import configfields as cf
+from gpud.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("/etc/gpud/gpud.yaml")
+PACKAGED_DEFAULTS = Path(__file__).with_name("defaults")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting gpud reads. Built only by `load()`, which validates all of it."""
+
+    # GPUs
+    gpu_backend: str = "auto"
+    gpu_device_ids: tuple[int, ...] = ()
+    gpu_device_difficulty: Mapping[int, str] = field(default_factory=dict)
+    gpu_metrics_refresh_interval: float = 5.0
+    # Sessions and tasks
+    session_idle_timeout_seconds: float = 300.0
+    session_max_lifetime_seconds: float = 3600.0
+    session_queue_max_size: int = 5
+    default_task_timeout: float = 300.0
+    max_task_timeout: float = 3600.0
+    client_gone_grace_seconds: float = 30.0
+    task_retention_seconds: float = 600.0
+    sse_heartbeat_seconds: float = 15.0
+    # Models
+    model_cache_dir: Path = Path("/var/lib/gpud/models")
+    model_cache_max_bytes: int | None = None
+    auto_fetch_models: bool = True
+    file_service_url: str | None = None
+    file_service_internal_key: str | None = field(default=None, repr=False)
+    file_service_key_header: str = "X-Internal-Key"
+    presets_file: Path = Path("/etc/gpud/models.yaml")
+    # Workers
+    runtime: str = "podman"
+    runtime_socket: str | None = None
+    allowed_docker_images: tuple[str, ...] = ()
+    # Service
+    http_listen: tuple[str, int] = ("127.0.0.1", 8001)
+    admin_socket: Path = Path("/run/gpud/gpud.sock")
+    admin_socket_group: str | None = None
+    state_dir: Path = Path("/var/lib/gpud")
+    internal_api_key: tuple[str, ...] = field(default=(), repr=False)
+    metrics_public: bool = False
+    max_request_bytes: int = 1024 * 1024
+    log_level: str = "info"
+    # Where this came from, for messages: the YAML file read, if any.
+    config_file: Path | None = None
+
+    def changed_fields(self, other: Settings) -> list[str]:
+        """Names of the settings whose values differ between self and other."""
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name != "config_file" and getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+# Settings that a reload (SIGHUP) may change in place; the rest need a restart.
+RELOADABLE = frozenset(
+    {
+        "gpu_device_difficulty",
+        "gpu_metrics_refresh_interval",
+        "session_idle_timeout_seconds",
+        "session_max_lifetime_seconds",
+        "session_queue_max_size",
+        "default_task_timeout",
+        "max_task_timeout",
+        "client_gone_grace_seconds",
+        "task_retention_seconds",
+        "sse_heartbeat_seconds",
+        "auto_fetch_models",
+        "file_service_url",
+        "file_service_internal_key",
+        "allowed_docker_images",
+        "internal_api_key",
+        "metrics_public",
+        "log_level",
+        "presets_file",
+    }
+)
+
+
+def dev_defaults(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The embedded configuration of `gpud run --dev`: two static GPUs, a user socket, the example presets."""
+    runtime_dir = Path(environ.get("XDG_RUNTIME_DIR") or f"/tmp/gpud-{os.getuid()}")
+    state_dir = Path(environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "gpud"
+    return {
+        "gpu_backend": "static",
+        "gpu_device_ids": "0,1",
+        "gpu_device_difficulty": "0:low,1:high",
+        "admin_socket": str(runtime_dir / "gpud" / "gpud.sock"),
+        "state_dir": str(state_dir),
+        "model_cache_dir": str(state_dir / "models"),
+        "presets_file": str(PACKAGED_DEFAULTS / "models.yaml"),
+        "auto_fetch_models": "false",
+        "internal_api_key": "dev-key",
+    }
+
+
+def load(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    dev: bool = False,
+) -> Settings:
+    """Resolve settings from every layer and validate them; raise ConfigError listing every problem."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    raw: dict[str, tuple[Any, str]] = {}
+    if dev:
+        raw.update({k: (v, "--dev defaults") for k, v in dev_defaults(environ).items()})
+    path, explicit = _config_path(config_file, environ)
+    if path is not None:
+        raw.update(_read_yaml(path, explicit, problems))
+    raw.update(_read_environ(environ, problems))
+    raw.update({k: (v, f"flag --{k.replace('_', '-')}") for k, v in (flags or {}).items() if v is not None})
+    values: dict[str, Any] = {}
+    for name, (value, source) in raw.items():
+        try:
+            values[name] = cf.FIELDS[name].parse(value)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{source}: {name}: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    settings = Settings(**values, config_file=path if path is not None and path.exists() else None)
+    problems.extend(_check(settings))
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _config_path(config_file: Path | None, environ: Mapping[str, str]) -> tuple[Path | None, bool]:
+    """The YAML file to read and whether it was named explicitly (then it must exist)."""
+    if config_file is not None:
+        return config_file, True
+    if environ.get("GPUD_CONFIG"):
+        return Path(environ["GPUD_CONFIG"]), True
+    return DEFAULT_CONFIG_FILE, False
+
+
+def _read_yaml(path: Path, explicit: bool, problems: list[str]) -> dict[str, tuple[Any, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            problems.append(f"{path}: config file not found")
+        return {}
+    except OSError as exc:
+        problems.append(f"{path}: cannot read config file: {exc.strerror or exc}")
+        return {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problems.append(f"{path}: not valid YAML: {exc}")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a mapping of setting names to values")
+        return {}
+    found: dict[str, tuple[Any, str]] = {}
+    for key, value in data.items():
+        if key not in cf.FIELDS:
+            hint = cf.suggest(str(key))
+            problems.append(f"{path}: {key}: unknown key" + (f" (did you mean {hint}?)" if hint else ""))
+            continue
+        found[key] = (value, str(path))
+    return found
+
+
+def _read_environ(environ: Mapping[str, str], problems: list[str]) -> dict[str, tuple[Any, str]]:
+    found: dict[str, tuple[Any, str]] = {}
+    for name, spec in cf.FIELDS.items():
+        for env_name in spec.env:
+            if env_name in environ:
+                found[name] = (environ[env_name], f"env {env_name}")
+            elif spec.secret and f"{env_name}_FILE" in environ:
+                file_var = f"{env_name}_FILE"
+                try:
+                    found[name] = (cf.read_secret_file(Path(environ[file_var])), f"env {file_var}")
+                except OSError as exc:
+                    problems.append(f"env {file_var}: {name}: cannot read {environ[file_var]}: {exc.strerror}")
+    return found
+
+
+def _check(settings: Settings) -> list[str]:
+    """Problems that involve more than one setting."""
+    where = str(settings.config_file) if settings.config_file else "settings"
+    problems = []
+    known = set(settings.gpu_device_ids)
+    if settings.gpu_backend == "static" and not known:
+        problems.append(f"{where}: gpu_device_ids: the static GPU backend needs GPU_DEVICE_IDS (e.g. 0,1)")
+    if known:
+        for gpu_id in sorted(set(settings.gpu_device_difficulty) - known):
+            problems.append(
+                f"{where}: gpu_device_difficulty: GPU {gpu_id} is not in GPU_DEVICE_IDS "
+                f"({','.join(map(str, sorted(known)))})"
+            )
+    if settings.default_task_timeout > settings.max_task_timeout:
+        problems.append(
+            f"{where}: default_task_timeout: {settings.default_task_timeout:g} is more than "
+            f"max_task_timeout {settings.max_task_timeout:g}"
+        )
+    return problems

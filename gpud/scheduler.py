@@ -1,0 +1,88 @@
+"""GPU leases: at most one holder (a one-off task or a session) per GPU, routed by difficulty, with drain."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from gpud.errors import NotFound, Unavailable
+from gpud.gpus import Gpu, GpuInventory
+
+logger = logging.getLogger(__name__)
+
+# How long a client is told to wait before retrying when every fitting GPU is busy.
+RETRY_AFTER_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A GPU held by one task or session until released."""
+
+    gpu: Gpu
+    holder: str
+    kind: str  # "task" or "session"
+    acquired_at: float = field(default_factory=time.time)
+
+
+class Scheduler:
+    """Hands out GPUs by difficulty tag; a low task never lands on a high GPU and vice versa."""
+
+    def __init__(self, inventory: GpuInventory) -> None:
+        self._inventory = inventory
+        self._leases: dict[int, Lease] = {}
+        self._drained: set[int] = set()
+
+    def acquire(self, difficulty: str, holder: str, kind: str) -> Lease:
+        """Lease the lowest-numbered free, undrained GPU tagged `difficulty`, or raise Unavailable."""
+        fitting = [gpu for gpu in self._inventory.gpus if gpu.difficulty == difficulty]
+        if not fitting:
+            raise Unavailable(
+                f"no GPU on this host is tagged {difficulty!r}",
+                code="no_gpu_for_difficulty",
+                retry_after=RETRY_AFTER_SECONDS,
+            )
+        unhealthy = self._inventory.unhealthy()
+        for gpu in fitting:
+            if gpu.index not in self._leases and gpu.index not in self._drained and gpu.index not in unhealthy:
+                lease = Lease(gpu=gpu, holder=holder, kind=kind)
+                self._leases[gpu.index] = lease
+                logger.info("GPU %d (%s) leased to %s %s", gpu.index, difficulty, kind, holder)
+                return lease
+        raise Unavailable(
+            f"all {len(fitting)} GPU(s) tagged {difficulty!r} are busy or drained",
+            code="no_gpu_available",
+            retry_after=RETRY_AFTER_SECONDS,
+        )
+
+    def release(self, lease: Lease) -> None:
+        """Give a GPU back; releasing twice is harmless (cleanup paths may overlap)."""
+        if self._leases.get(lease.gpu.index) is lease:
+            del self._leases[lease.gpu.index]
+            logger.info("GPU %d released by %s %s", lease.gpu.index, lease.kind, lease.holder)
+
+    def lease_of(self, index: int) -> Lease | None:
+        """The lease currently holding a GPU, if any."""
+        return self._leases.get(index)
+
+    def leases(self) -> list[Lease]:
+        """Every current lease."""
+        return list(self._leases.values())
+
+    def is_drained(self, index: int) -> bool:
+        """Whether a GPU takes no new leases."""
+        return index in self._drained
+
+    def drain(self, index: int) -> None:
+        """Take no new leases on a GPU; work already on it finishes."""
+        self._require(index)
+        self._drained.add(index)
+
+    def undrain(self, index: int) -> None:
+        """Let a drained GPU take leases again."""
+        self._require(index)
+        self._drained.discard(index)
+
+    def _require(self, index: int) -> None:
+        if self._inventory.get(index) is None:
+            raise NotFound(f"no GPU {index} on this host", code="gpu_not_found")
