@@ -10,6 +10,7 @@ place its value came from.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -136,15 +137,16 @@ def load(
     raw.update(_read_environ(environ, problems))
     raw.update({k: (v, f"flag --{k.replace('_', '-')}") for k, v in (flags or {}).items() if v is not None})
     values: dict[str, Any] = {}
+    failed: set[str] = set()
     for name, (value, source) in raw.items():
         try:
             values[name] = cf.FIELDS[name].parse(value)
         except (ValueError, TypeError) as exc:
             problems.append(f"{source}: {name}: {exc}")
-    if problems:
-        raise ConfigError(problems)
+            failed.add(name)
     settings = Settings(**values, config_file=path if path is not None and path.exists() else None)
-    problems.extend(_check(settings))
+    # Cross-checks run even when some values failed, so one run reports every problem; they skip failed fields.
+    problems.extend(_check(settings, failed))
     if problems:
         raise ConfigError(problems)
     return settings
@@ -204,12 +206,12 @@ def _read_environ(environ: Mapping[str, str], problems: list[str]) -> dict[str, 
     return found
 
 
-def _check(settings: Settings) -> list[str]:
-    """Problems that involve more than one setting."""
+def _check(settings: Settings, failed: set[str]) -> list[str]:
+    """Problems that involve more than one setting (fields that failed to parse are left out)."""
     where = str(settings.config_file) if settings.config_file else "settings"
     problems = []
     known = set(settings.gpu_device_ids)
-    if settings.gpu_backend == "static" and not known:
+    if settings.gpu_backend == "static" and not known and "gpu_device_ids" not in failed:
         problems.append(f"{where}: gpu_device_ids: the static GPU backend needs GPU_DEVICE_IDS (e.g. 0,1)")
     if known:
         for gpu_id in sorted(set(settings.gpu_device_difficulty) - known):
@@ -217,9 +219,15 @@ def _check(settings: Settings) -> list[str]:
                 f"{where}: gpu_device_difficulty: GPU {gpu_id} is not in GPU_DEVICE_IDS "
                 f"({','.join(map(str, sorted(known)))})"
             )
-    if settings.default_task_timeout > settings.max_task_timeout:
+    timeouts_parsed = not {"default_task_timeout", "max_task_timeout"} & failed
+    if timeouts_parsed and settings.default_task_timeout > settings.max_task_timeout:
         problems.append(
             f"{where}: default_task_timeout: {settings.default_task_timeout:g} is more than "
             f"max_task_timeout {settings.max_task_timeout:g}"
         )
+    if settings.admin_socket_group is not None:
+        try:
+            grp.getgrnam(settings.admin_socket_group)
+        except KeyError:
+            problems.append(f"{where}: admin_socket_group: no group named {settings.admin_socket_group!r}")
     return problems

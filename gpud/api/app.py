@@ -9,6 +9,7 @@ from gpud.api.middleware import api_key_middleware, error_middleware, metrics_mi
 from gpud.api.peercred import PeerPolicy
 from gpud.api.routes_admin import add_admin_routes
 from gpud.api.routes_health import add_health_routes
+from gpud.api.routes_presets import add_preset_routes
 from gpud.services import Services
 
 
@@ -20,6 +21,7 @@ def make_public_app(services: Services) -> web.Application:
     )
     app[SERVICES] = services
     add_health_routes(app)
+    add_preset_routes(app)
     return app
 
 
@@ -31,5 +33,6 @@ def make_admin_app(services: Services, policy: PeerPolicy) -> web.Application:
     )
     app[SERVICES] = services
     add_health_routes(app)
+    add_preset_routes(app)
     add_admin_routes(app)
     return app

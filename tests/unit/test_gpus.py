@@ -1,0 +1,147 @@
+"""GPU inventory: static declaration, and the NVML path against a stand-in pynvml module.
+
+The stand-in is the one fake this project allows (there is no NVIDIA GPU on CI machines); the same code runs against
+the real pynvml in tests/gpu/test_nvml_real.py on a lent GPU machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gpud.errors import ConfigError, Unavailable
+from gpud.gpus import open_inventory
+from gpud.scheduler import Scheduler
+
+
+class NVMLError(Exception):
+    """Like pynvml.NVMLError."""
+
+
+class FakeNvml:
+    """Implements the handful of pynvml calls gpud makes, for N GPUs."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self, count: int = 2, fail_init: bool = False) -> None:
+        self.count = count
+        self.fail_init = fail_init
+        self.broken: set[int] = set()
+        self.shutdowns = 0
+
+    def nvmlInit(self) -> None:
+        if self.fail_init:
+            raise NVMLError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self) -> None:
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self) -> int:
+        return self.count
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        if index in self.broken:
+            raise NVMLError("GPU is lost")
+        return index
+
+    def nvmlDeviceGetUUID(self, handle: int) -> bytes:
+        return f"GPU-0000-{handle}".encode()  # older pynvml returns bytes
+
+    def nvmlDeviceGetName(self, handle: int) -> str:
+        return "NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+        return SimpleNamespace(total=80 * 1024**3, used=(handle + 1) * 1024**3, free=0)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> Any:
+        return SimpleNamespace(gpu=40 + handle, memory=10)
+
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+        return 55
+
+    def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
+        if handle == 1:
+            raise NVMLError("Not Supported")
+        return 250_000  # milliwatts
+
+
+def test_static_inventory_from_device_ids() -> None:
+    inventory = open_inventory("static", (0, 1), {0: "low", 1: "high"})
+    assert [(g.index, g.difficulty, g.real) for g in inventory.gpus] == [(0, "low", False), (1, "high", False)]
+    assert inventory.backend == "static" and inventory.sample(0) is None
+
+
+def test_nvml_inventory_reads_identity_and_samples() -> None:
+    fake = FakeNvml(count=2)
+    inventory = open_inventory("nvml", (), {1: "high"}, nvml=fake)
+    assert inventory.backend == "nvml"
+    assert [(g.index, g.uuid, g.difficulty, g.real) for g in inventory.gpus] == [
+        (0, "GPU-0000-0", "low", True),
+        (1, "GPU-0000-1", "high", True),
+    ]
+    sample = inventory.sample(0)
+    assert sample is not None and sample.memory_used_bytes == 1024**3 and sample.utilization_percent == 40
+    assert sample.power_watts == 250.0
+    assert inventory.sample(1).power_watts is None  # type: ignore[union-attr]  # unsupported counter is unknown
+    inventory.close()
+    assert fake.shutdowns == 1
+
+
+def test_nvml_device_ids_select_gpus_and_must_exist() -> None:
+    inventory = open_inventory("nvml", (1,), {1: "high"}, nvml=FakeNvml(count=2))
+    assert [g.index for g in inventory.gpus] == [1]
+    with pytest.raises(ConfigError, match=r"GPU\(s\) \[3\] do not exist"):
+        open_inventory("nvml", (0, 3), {}, nvml=FakeNvml(count=2))
+    with pytest.raises(ConfigError, match="gpu_device_difficulty"):
+        open_inventory("nvml", (), {5: "high"}, nvml=FakeNvml(count=2))
+
+
+def test_auto_falls_back_to_static_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        inventory = open_inventory("auto", (0,), {}, nvml=FakeNvml(fail_init=True))
+    assert inventory.backend == "static"
+    assert "falling back to the static GPU backend" in caplog.text
+
+
+def test_nvml_backend_fails_loudly_when_nvml_does_not_load() -> None:
+    with pytest.raises(ConfigError, match="NVML did not load"):
+        open_inventory("nvml", (), {}, nvml=FakeNvml(fail_init=True))
+
+
+def test_lost_gpu_is_unhealthy_and_not_leased() -> None:
+    fake = FakeNvml(count=2)
+    inventory = open_inventory("nvml", (), {0: "low", 1: "low"}, nvml=fake)
+    fake.broken.add(0)
+    inventory.refresh()
+    assert inventory.unhealthy() == {0: "GPU is lost"}
+    lease = Scheduler(inventory).acquire("low", "t1", "task")
+    assert lease.gpu.index == 1
+
+
+def test_difficulty_routing_drain_and_release() -> None:
+    inventory = open_inventory("static", (0, 1, 2), {0: "low", 1: "high", 2: "low"})
+    scheduler = Scheduler(inventory)
+    first = scheduler.acquire("low", "a", "task")
+    second = scheduler.acquire("low", "b", "session")
+    assert (first.gpu.index, second.gpu.index) == (0, 2)
+    with pytest.raises(Unavailable) as info:
+        scheduler.acquire("low", "c", "task")
+    assert info.value.code == "no_gpu_available" and info.value.retry_after
+    scheduler.release(first)
+    scheduler.release(first)  # twice is harmless
+    scheduler.drain(0)
+    with pytest.raises(Unavailable):
+        scheduler.acquire("low", "c", "task")
+    scheduler.undrain(0)
+    assert scheduler.acquire("low", "c", "task").gpu.index == 0
+    assert scheduler.acquire("high", "d", "task").gpu.index == 1
+
+
+def test_no_gpu_with_that_difficulty() -> None:
+    scheduler = Scheduler(open_inventory("static", (0,), {0: "low"}))
+    with pytest.raises(Unavailable) as info:
+        scheduler.acquire("high", "x", "task")
+    assert info.value.code == "no_gpu_for_difficulty"

@@ -1,0 +1,77 @@
+"""Model presets: the original file shape works as is; problems name the model and preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpud.errors import ConfigError, NotFound
+from gpud.presets import load_presets, parse_size
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_original_form_loads_with_defaults_for_new_fields(presets_file: Path) -> None:
+    catalog = load_presets(presets_file)
+    preset = catalog.get("llama-7b", "inference")
+    assert preset.image == "llm-runner:latest"
+    assert preset.command == ("python", "inference.py")
+    assert preset.env == {"MODEL_NAME": "llama-7b"}
+    assert preset.mode == "any" and preset.user is None
+    assert preset.limits.memory_bytes == 16 * 1024**3  # the original design's --memory=16g
+
+
+def test_packaged_example_presets_are_valid() -> None:
+    catalog = load_presets(REPO / "gpud" / "defaults" / "models.yaml")
+    assert {p.key for p in catalog.all()} >= {"demo-text/stream", "demo-text/oneoff"}
+
+
+def test_unknown_model_and_preset_are_not_found(presets_file: Path) -> None:
+    catalog = load_presets(presets_file)
+    with pytest.raises(NotFound) as info:
+        catalog.get("nope", "inference")
+    assert info.value.code == "model_not_found"
+    with pytest.raises(NotFound) as info:
+        catalog.get("llama-7b", "nope")
+    assert info.value.code == "preset_not_found"
+
+
+def test_problems_name_model_and_preset(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "models:\n"
+        "  a:\n    p: {command: [x]}\n"
+        "  b:\n    q: {docker_image: img, limits: {memory: lots}}\n"
+        "  c:\n    r: {docker_image: img, colour: red}\n"
+        "  ../evil:\n    s: {docker_image: img}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_presets(path)
+    text = "\n".join(info.value.problems)
+    assert len(info.value.problems) == 4
+    assert "models.a.p: docker_image is required" in text
+    assert "models.b.q: not a size" in text
+    assert "models.c.r: unknown key(s): colour" in text
+    assert "models.../evil" in text
+
+
+def test_not_yaml_and_wrong_shape(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_presets(path)
+    path.write_text("presets: {}\n")
+    with pytest.raises(ConfigError, match="one key 'models'"):
+        load_presets(path)
+
+
+@pytest.mark.parametrize(("text", "size"), [("16g", 16 * 1024**3), ("512m", 512 * 1024**2), ("100", 100), (4096, 4096)])
+def test_parse_size(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["-1g", "0", "lots", True, "1.5g"])
+def test_parse_size_rejects(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(bad)
