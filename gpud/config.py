@@ -116,6 +116,7 @@ def dev_defaults(environ: Mapping[str, str]) -> dict[str, Any]:
         "presets_file": str(PACKAGED_DEFAULTS / "models.yaml"),
         "auto_fetch_models": "false",
         "internal_api_key": "dev-key",
+        "allowed_docker_images": "localhost/gpud-worker-python:*,gpud-worker-python:*",
     }
 
 
@@ -225,6 +226,9 @@ def _check(settings: Settings, failed: set[str]) -> list[str]:
             f"{where}: default_task_timeout: {settings.default_task_timeout:g} is more than "
             f"max_task_timeout {settings.max_task_timeout:g}"
         )
+    # Worker sockets live at <state_dir>/sessions/<16 hex>/worker.sock; AF_UNIX paths stop at 107 bytes.
+    if len(str(settings.state_dir)) + len("/sessions/0123456789abcdef/worker.sock") > 107:
+        problems.append(f"{where}: state_dir: {settings.state_dir} is too long for worker socket paths")
     if settings.admin_socket_group is not None:
         try:
             grp.getgrnam(settings.admin_socket_group)

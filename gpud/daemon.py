@@ -20,12 +20,9 @@ from gpud.api.app import make_admin_app, make_public_app
 from gpud.api.peercred import PeerPolicy
 from gpud.config import RELOADABLE, Settings
 from gpud.errors import ConfigError
-from gpud.gpus import open_inventory
 from gpud.listeners import UnixListener, bind_admin_socket, bind_tcp
-from gpud.metrics import Metrics
 from gpud.presets import load_presets
-from gpud.scheduler import Scheduler
-from gpud.services import Services
+from gpud.services import Services, create_services
 from gpud.systemd import Notifier, listen_sockets
 
 logger = logging.getLogger(__name__)
@@ -115,19 +112,6 @@ def _status_line(services: Services) -> str:
     return f"serving; {len(services.inventory.gpus)} GPU(s), {leased} leased"
 
 
-def build_services(settings: Settings, nvml: Any = None) -> Services:
-    """Construct every service from settings (blocking: reads files, may load NVML)."""
-    presets = load_presets(settings.presets_file)
-    inventory = open_inventory(settings.gpu_backend, settings.gpu_device_ids, settings.gpu_device_difficulty, nvml=nvml)
-    return Services(
-        settings=settings,
-        presets=presets,
-        inventory=inventory,
-        scheduler=Scheduler(inventory),
-        metrics=Metrics(),
-    )
-
-
 class Daemon:
     """One gpud process: listens, serves, and shuts down cleanly on SIGTERM/SIGINT."""
 
@@ -143,16 +127,18 @@ class Daemon:
 
     async def run(self) -> int:
         """Serve until stopped; return the process exit code."""
-        services = build_services(self._settings)
+        services = create_services(self._settings)
         services.reloader = Reloader(self._request, services, self._notifier)
         async with contextlib.AsyncExitStack() as stack:
-            stack.callback(services.inventory.close)
+            stack.push_async_callback(services.close)
+            await services.start()
             await self._serve(services, stack)
             self._install_signals(services.reloader)
             stack.callback(self._remove_signals)
             background = [
                 asyncio.create_task(services.inventory.refresh_forever(self._settings.gpu_metrics_refresh_interval)),
                 asyncio.create_task(self._notifier.watchdog_forever()),
+                asyncio.create_task(services.tasks.janitor()),
             ]
             stack.push_async_callback(_cancel_all, background)
             self._notifier.ready(_status_line(services))

@@ -6,6 +6,7 @@ from typing import Any
 
 from gpud import __version__
 from gpud.gpus import Gpu
+from gpud.runtime.base import EngineHealth
 from gpud.services import Services
 
 
@@ -33,10 +34,11 @@ def gpu_report(services: Services, gpu: Gpu) -> dict[str, Any]:
     }
 
 
-def health_report(services: Services) -> dict[str, Any]:
+def health_report(services: Services, engine: EngineHealth) -> dict[str, Any]:
     """status ok/degraded with the reasons, version, uptime, GPUs, and activity counts."""
     reasons = [f"GPU {index}: {error}" for index, error in sorted(services.inventory.unhealthy().items())]
-    leases = services.scheduler.leases()
+    if not engine.ok:
+        reasons.append(f"{engine.runtime} engine unreachable: {engine.detail}")
     return {
         "status": "degraded" if reasons else "ok",
         "reasons": reasons,
@@ -44,7 +46,13 @@ def health_report(services: Services) -> dict[str, Any]:
         "uptime_seconds": round(services.uptime(), 3),
         "started_at": services.started_at,
         "gpu_backend": services.inventory.backend,
+        "runtime": {
+            "name": engine.runtime,
+            "reachable": engine.ok,
+            "isolated": engine.isolated,
+            "version": engine.version,
+            "detail": engine.detail,
+        },
         "gpus": [gpu_report(services, gpu) for gpu in services.inventory.gpus],
-        "active_sessions": sum(1 for lease in leases if lease.kind == "session"),
-        "active_tasks": sum(1 for lease in leases if lease.kind == "task"),
+        **services.tasks.counts(),
     }

@@ -1,19 +1,32 @@
-"""The bundle of long-lived services the composition root (daemon.py) builds and both web apps share."""
+"""The bundle of long-lived services the composition root builds and both web apps share."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from gpud import worker
 from gpud.config import Settings
-from gpud.gpus import GpuInventory
+from gpud.gpus import GpuInventory, open_inventory
 from gpud.metrics import Metrics
-from gpud.presets import PresetCatalog
+from gpud.modelstore import ModelStore
+from gpud.oneoff import OneOffRunner
+from gpud.presets import PresetCatalog, load_presets
+from gpud.runtime import make_runtime
+from gpud.runtime.base import ContainerRuntime
 from gpud.scheduler import Scheduler
+from gpud.session_manager import SessionManager
+from gpud.session_worker import install_sdk
+from gpud.taskservice import TaskService
 
 if TYPE_CHECKING:
     from gpud.daemon import Reloader
+
+# The stdlib-only worker SDK; gpud mounts this file read-only into every session container.
+SDK_FILE = Path(worker.__file__).with_name("sdk.py")
 
 
 @dataclass
@@ -25,6 +38,9 @@ class Services:
     inventory: GpuInventory
     scheduler: Scheduler
     metrics: Metrics
+    runtime: ContainerRuntime
+    models: ModelStore
+    tasks: TaskService
     reloader: Reloader | None = None
     started_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
@@ -32,3 +48,55 @@ class Services:
     def uptime(self) -> float:
         """Seconds since the daemon started."""
         return time.monotonic() - self.started_monotonic
+
+    async def start(self) -> None:
+        """Prepare directories, install the worker SDK, clean the model cache's leftovers."""
+        state_dir = self.settings.state_dir
+        await asyncio.get_running_loop().run_in_executor(None, _prepare_state_dir, state_dir)
+        await self.models.start()
+
+    async def close(self) -> None:
+        """End tasks and sessions, then release the engine client, the model store and NVML."""
+        await self.tasks.shutdown()
+        await self.models.close()
+        await self.runtime.close()
+        self.inventory.close()
+
+
+def _prepare_state_dir(state_dir: Path) -> None:
+    for sub in ("sessions", "tasks"):
+        (state_dir / sub).mkdir(parents=True, exist_ok=True)
+        # Workers run as another user and must reach their own socket/input directories below these.
+        (state_dir / sub).chmod(0o711)
+    state_dir.chmod(0o711)
+    install_sdk(SDK_FILE, state_dir / "sdk")
+
+
+def create_services(settings: Settings, nvml: Any = None) -> Services:
+    """Construct every service from settings (reads the presets file, may load NVML); start() comes after."""
+    presets = load_presets(settings.presets_file)
+    inventory = open_inventory(settings.gpu_backend, settings.gpu_device_ids, settings.gpu_device_difficulty, nvml=nvml)
+    scheduler = Scheduler(inventory)
+    runtime = make_runtime(settings.runtime, settings.runtime_socket)
+    models = ModelStore(
+        settings.model_cache_dir,
+        file_service_url=settings.file_service_url,
+        internal_key=settings.file_service_internal_key,
+        auto_fetch=settings.auto_fetch_models,
+        max_bytes=settings.model_cache_max_bytes,
+        key_header=settings.file_service_key_header,
+    )
+    holder: dict[str, Services] = {}
+
+    def current_settings() -> Settings:
+        return holder["services"].settings  # reload swaps Services.settings; readers always see the new one
+
+    state = settings.state_dir
+    sessions = SessionManager(runtime, models, scheduler, current_settings, state / "sessions", state / "sdk")
+    oneoff = OneOffRunner(runtime, models, scheduler, settings.state_dir / "tasks")
+    tasks = TaskService(
+        current_settings, lambda: holder["services"].presets, runtime, models, scheduler, oneoff, sessions
+    )
+    services = Services(settings, presets, inventory, scheduler, Metrics(), runtime, models, tasks)
+    holder["services"] = services
+    return services

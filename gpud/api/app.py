@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gpud.api.keys import SERVICES
+from gpud.api.keys import MODEL_STORE, SERVICES
 from gpud.api.middleware import api_key_middleware, error_middleware, metrics_middleware, peer_middleware
 from gpud.api.peercred import PeerPolicy
 from gpud.api.routes_admin import add_admin_routes
 from gpud.api.routes_health import add_health_routes
+from gpud.api.routes_models import add_model_routes
 from gpud.api.routes_presets import add_preset_routes
+from gpud.api.routes_sessions import add_session_routes
+from gpud.api.routes_tasks import add_task_routes
 from gpud.services import Services
 
 
@@ -22,6 +25,8 @@ def make_public_app(services: Services) -> web.Application:
     app[SERVICES] = services
     add_health_routes(app)
     add_preset_routes(app)
+    add_task_routes(app)
+    add_session_routes(app)
     return app
 
 
@@ -34,5 +39,9 @@ def make_admin_app(services: Services, policy: PeerPolicy) -> web.Application:
     app[SERVICES] = services
     add_health_routes(app)
     add_preset_routes(app)
+    add_task_routes(app)
+    add_session_routes(app)
     add_admin_routes(app)
+    app[MODEL_STORE] = services.models
+    add_model_routes(app)
     return app

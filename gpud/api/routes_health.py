@@ -11,7 +11,8 @@ from gpud.metrics import CONTENT_TYPE
 
 async def get_health(request: web.Request) -> web.Response:
     """GET /health: 200 when ok, 503 when degraded (so load balancers and probes can act on the status)."""
-    report = health_report(request.app[SERVICES])
+    services = request.app[SERVICES]
+    report = health_report(services, await services.runtime.health())
     return web.json_response(report, status=200 if report["status"] == "ok" else 503)
 
 

@@ -1,0 +1,188 @@
+"""One-off tasks: an ephemeral container per task, removed (and its GPU released) in every outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from gpud.errors import GpudError
+from gpud.events import EventType
+from gpud.modelstore import FetchProgress, ModelStore
+from gpud.runtime.base import ContainerRuntime, ExitStatus, GpuDevice, Mount, Stream
+from gpud.runtime.spec import build_spec
+from gpud.scheduler import Lease, Scheduler
+from gpud.tasks import ERROR_TAIL_LINES, CancelHook, Task, TaskError, TaskStatus, cancel_error
+
+logger = logging.getLogger(__name__)
+
+TASK_INPUT_DIR = "/run/gpud-task"
+# How long a stopped worker gets between SIGTERM and SIGKILL.
+STOP_GRACE_SECONDS = 5.0
+
+
+def gpu_device(lease: Lease) -> GpuDevice:
+    """The runtime's view of a leased GPU: attach a device only for a real (NVML) GPU."""
+    return GpuDevice(gpu_id=str(lease.gpu.index), uuid=lease.gpu.uuid, attach=lease.gpu.real)
+
+
+def model_progress(task: Task) -> Callable[[FetchProgress], None]:
+    """A model-store progress callback that reports into the task's stream."""
+
+    def report(update: FetchProgress) -> None:
+        task.emit(EventType.WORKER, status="fetching_model", **update.to_dict())
+
+    return report
+
+
+def image_progress(task: Task) -> Callable[[str], None]:
+    """An image-pull progress callback that reports into the task's stream."""
+
+    def report(message: str) -> None:
+        task.emit(EventType.WORKER, status="pulling_image", image=task.preset.image, message=message)
+
+    return report
+
+
+class OneOffRunner:
+    """Runs one task in its own container: input in, stdout as text deltas, stderr as logs, exit status out."""
+
+    def __init__(self, runtime: ContainerRuntime, store: ModelStore, scheduler: Scheduler, work_dir: Path) -> None:
+        self._runtime = runtime
+        self._store = store
+        self._scheduler = scheduler
+        self._work_dir = work_dir
+
+    async def run(self, task: Task, lease: Lease) -> None:
+        """Run the task to its end; never raises (errors become the task's failure)."""
+        input_dir = self._work_dir / task.id
+        stopper = asyncio.Event()
+        task.cancel_hook = _cancel_hook(stopper)
+        try:
+            task.emit(EventType.CONNECTION, status="gpu_allocated", gpu_id=lease.gpu.index)
+            await self._execute(task, lease, input_dir, stopper)
+        except GpudError as exc:
+            task.finish(TaskStatus.FAILED, error=TaskError(exc.code, exc.message))
+        except asyncio.CancelledError:
+            task.finish(TaskStatus.CANCELLED, error=TaskError("shutdown", "gpud is shutting down"))
+            raise
+        except Exception as exc:
+            logger.exception("one-off task %s failed unexpectedly", task.id)
+            task.finish(TaskStatus.FAILED, error=TaskError("internal_error", f"internal error: {exc}"))
+        finally:
+            await self._cleanup(task, lease, input_dir)
+
+    async def _execute(self, task: Task, lease: Lease, input_dir: Path, stopper: asyncio.Event) -> None:
+        model_dir = await self._store.ensure(task.request.model_id, model_progress(task), holder=task.id)
+        await self._runtime.ensure_image(task.preset.image, image_progress(task))
+        if stopper.is_set():
+            task.finish(TaskStatus.CANCELLED, error=_cancel_error(task))
+            return
+        payload = json.dumps(dict(task.request.metadata))
+        await asyncio.get_running_loop().run_in_executor(None, _write_input, input_dir, payload)
+        spec = build_spec(
+            task.preset,
+            task_id=task.id,
+            gpu=gpu_device(lease),
+            model_dir=model_dir,
+            mounts=[Mount(str(input_dir), TASK_INPUT_DIR, read_only=True)],
+            env={"GPUD_TASK_INPUT": payload, "GPUD_TASK_INPUT_FILE": f"{TASK_INPUT_DIR}/input.json"},
+            stop_grace_seconds=STOP_GRACE_SECONDS,
+        )
+        task.container_id = await self._runtime.run(spec)
+        task.emit(EventType.WORKER, status="created", container_id=task.container_id)
+        task.mark_running()
+        task.emit(EventType.WORKER, status="working", container_id=task.container_id)
+        await self._supervise(task, stopper)
+
+    async def _supervise(self, task: Task, stopper: asyncio.Event) -> None:
+        """Pump output while waiting for exit, the timeout, or a cancel; then finish the task."""
+        assert task.container_id is not None
+        tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
+        pump = asyncio.create_task(self._pump(task, tail))
+        waiter = asyncio.create_task(self._runtime.wait(task.container_id))
+        stop_wait = asyncio.create_task(stopper.wait())
+        try:
+            # The timeout counts from the container's start, as for session tasks (not the model fetch before).
+            timeout = task.request.timeout_seconds
+            done, _ = await asyncio.wait({waiter, stop_wait}, timeout=timeout, return_when="FIRST_COMPLETED")
+            if waiter not in done:
+                await self._runtime.stop(task.container_id, STOP_GRACE_SECONDS)
+                await waiter
+                status = TaskStatus.CANCELLED if stopper.is_set() else TaskStatus.TIMEOUT
+                # Output already written still reaches the stream before task_finish.
+                await asyncio.wait_for(pump, timeout=5.0)
+                error = _cancel_error(task) if stopper.is_set() else _timeout_error(task)
+                task.finish(status, error=error)
+                return
+            await asyncio.wait_for(pump, timeout=10.0)
+            _finish_from_exit(task, waiter.result(), tail)
+        finally:
+            for pending in (pump, waiter, stop_wait):
+                pending.cancel()
+            await asyncio.gather(pump, waiter, stop_wait, return_exceptions=True)
+
+    async def _pump(self, task: Task, tail: collections.deque[str]) -> None:
+        assert task.container_id is not None
+        async for line in self._runtime.logs(task.container_id, follow=True):
+            if line.stream is Stream.STDOUT:
+                task.emit(EventType.TEXT_DELTA, delta=line.line + "\n")
+            else:
+                tail.append(line.line)
+                task.emit(EventType.LOGS, stream=line.stream.value, line=line.line)
+
+    async def _cleanup(self, task: Task, lease: Lease, input_dir: Path) -> None:
+        """Remove the container, release the model and the GPU, delete the input; each step on its own."""
+        if task.container_id is not None:
+            try:
+                await asyncio.shield(self._runtime.remove(task.container_id))
+            except Exception:
+                logger.exception("could not remove container %s of task %s", task.container_id, task.id)
+        self._store.release(task.request.model_id, task.id)
+        self._scheduler.release(lease)
+        with contextlib.suppress(OSError):
+            await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, input_dir)
+
+
+def _cancel_hook(stopper: asyncio.Event) -> CancelHook:
+    async def cancel(reason: str) -> None:
+        stopper.set()
+
+    return cancel
+
+
+def _write_input(input_dir: Path, payload: str) -> None:
+    """The task input as a file, readable by the unprivileged worker user."""
+    input_dir.mkdir(parents=True, exist_ok=True)
+    input_dir.chmod(0o755)
+    path = input_dir / "input.json"
+    path.write_text(payload, encoding="utf-8")
+    path.chmod(0o644)
+
+
+def _cancel_error(task: Task) -> TaskError:
+    return cancel_error(task.cancel_reason or "cancelled")
+
+
+def _timeout_error(task: Task) -> TaskError:
+    return TaskError("timeout", f"task ran past its timeout of {task.request.timeout_seconds:g}s")
+
+
+def _finish_from_exit(task: Task, status: ExitStatus, tail: collections.deque[str]) -> None:
+    if status.exit_code == 0 and not status.oom_killed:
+        task.finish(TaskStatus.COMPLETED, exit_code=0)
+        return
+    if status.oom_killed:
+        message = f"worker ran out of memory (limit {task.preset.limits.memory_bytes} bytes) and was killed"
+        code = "out_of_memory"
+    else:
+        message = f"worker exited with code {status.exit_code}"
+        code = "worker_failed"
+    if tail:
+        message += "; last log lines:\n" + "\n".join(tail)
+    task.finish(TaskStatus.FAILED, error=TaskError(code, message), exit_code=status.exit_code)

@@ -1,0 +1,394 @@
+"""Drives sessions: starts the worker, runs queued tasks one by one, enforces timers, cancels, kills, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gpud.config import Settings
+from gpud.errors import GpudError
+from gpud.events import EventType
+from gpud.modelstore import ModelStore
+from gpud.oneoff import image_progress, model_progress
+from gpud.runtime.base import ContainerRuntime, LogLine, Stream
+from gpud.scheduler import Lease, Scheduler
+from gpud.session_worker import SessionWorker, WorkerCrashed
+from gpud.sessions import Session, SessionRegistry, SessionState
+from gpud.tasks import Task, TaskError, TaskStatus, cancel_error
+from gpud.worker.channel import WorkerError
+
+logger = logging.getLogger(__name__)
+
+# How long a worker has to stop a cancelled (or timed-out) task before the session is restarted.
+CANCEL_GRACE_SECONDS = 5.0
+
+_REASONS = {
+    "killed": "the session was killed",
+    "idle_timeout": "the session was idle past SESSION_IDLE_TIMEOUT_SECONDS",
+    "max_lifetime": "the session reached SESSION_MAX_LIFETIME_SECONDS",
+    "shutdown": "gpud is shutting down",
+}
+
+
+class SessionManager:
+    """Owns every session's life: one asyncio task per session runs its queue in FIFO order."""
+
+    def __init__(
+        self,
+        runtime: ContainerRuntime,
+        store: ModelStore,
+        scheduler: Scheduler,
+        settings: Callable[[], Settings],
+        socket_root: Path,
+        sdk_dir: Path,
+    ) -> None:
+        self._runtime = runtime
+        self._store = store
+        self._scheduler = scheduler
+        self._settings = settings
+        self._socket_root = socket_root
+        self._sdk_dir = sdk_dir
+        self.registry = SessionRegistry()
+        self._lives: dict[str, asyncio.Task[None]] = {}
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._workers: dict[str, SessionWorker] = {}
+
+    # --- entry points ---------------------------------------------------------------------------------
+
+    def open(self, task: Task, lease: Lease) -> Session:
+        """Start a new session for `task` on the leased GPU; the task runs first once the worker is ready."""
+        session = Session(id=lease.holder, preset=task.preset, difficulty=task.request.difficulty, lease=lease)
+        self.registry.add(session)
+        task.session_id = session.id
+        task.gpu_id = lease.gpu.index
+        session.queue.append(task)
+        self._attach_cancel(session, task)
+        self._wakeups[session.id] = asyncio.Event()
+        self._lives[session.id] = asyncio.create_task(self._life(session, task), name=f"session-{session.id}")
+        return session
+
+    def enqueue(self, session: Session, task: Task) -> None:
+        """Queue a task on a live session (FIFO); raises Gone or Busy when it cannot take it."""
+        settings = self._settings()
+        session.check_accepts(settings.session_max_lifetime_seconds, settings.session_queue_max_size)
+        task.session_id = session.id
+        task.gpu_id = session.lease.gpu.index
+        session.touch()
+        session.queue.append(task)
+        self._attach_cancel(session, task)
+        if session.state is not SessionState.STARTING:
+            task.emit(EventType.CONNECTION, status="session_ready", gpu_id=task.gpu_id, session_id=session.id)
+        task.emit(
+            EventType.WORKER, status="queued", container_id=session.container_id, queue_position=len(session.queue)
+        )
+        self._wake(session)
+
+    def keepalive(self, session: Session) -> None:
+        """Reset the idle timer; Gone if the session has ended."""
+        session.check_accepts(self._settings().session_max_lifetime_seconds, queue_max=1 << 30)
+        session.touch()
+        self._wake(session)
+
+    async def kill(self, session: Session, reason: str = "killed") -> None:
+        """End the session: running and queued tasks finish as cancelled; returns once the container is gone."""
+        if session.stop_reason is None:
+            session.stop_reason = reason
+        self._wake(session)
+        life = self._lives.get(session.id)
+        if life is None:
+            return
+        if session.state is SessionState.STARTING:
+            life.cancel()  # loading may take minutes; a kill must not wait for it
+        await asyncio.wait({life})
+
+    async def shutdown(self) -> None:
+        """End every live session (gpud is stopping)."""
+        await asyncio.gather(*(self.kill(s, "shutdown") for s in self.registry.live()), return_exceptions=True)
+        if self._lives:  # sessions that ended on their own may still be tearing down
+            await asyncio.wait(set(self._lives.values()))
+
+    def purge(self, retention: float) -> None:
+        """Forget sessions that ended more than `retention` seconds ago."""
+        self.registry.purge(time.time() - retention)
+
+    # --- a session's life -------------------------------------------------------------------------------
+
+    async def _life(self, session: Session, first: Task) -> None:
+        worker: SessionWorker | None = None
+        try:
+            worker = await self._start(session, first)
+            while (task := await self._next_task(session, worker)) is not None:
+                worker = await self._run(session, worker, task)
+            self._end(session, SessionState.STOPPED, session.stop_reason or "stopped")
+        except WorkerCrashed as crash:
+            self._fail(session, crash)
+        except Exception as exc:
+            logger.exception("session %s failed unexpectedly", session.id)
+            self._fail(session, WorkerCrashed(f"internal error: {exc}", None, []))
+        finally:
+            await self._teardown(session, worker)
+
+    async def _start(self, session: Session, first: Task) -> SessionWorker:
+        """Fetch the model and image, start the worker, wait for ready, then tell the first task."""
+        try:
+            model_dir = await self._store.ensure(first.request.model_id, model_progress(first), holder=session.id)
+            await self._runtime.ensure_image(session.preset.image, image_progress(first))
+        except GpudError as exc:
+            raise WorkerCrashed(exc.message, None, []) from exc
+        worker = SessionWorker(
+            self._runtime,
+            session.preset,
+            session.id,
+            first.id,
+            session.lease,
+            model_dir,
+            self._socket_root / session.id[:16],
+            self._sdk_dir,
+        )
+        self._workers[session.id] = worker
+
+        def created(container_id: str) -> None:
+            session.container_id = container_id
+            for task in session.queue:
+                task.emit(EventType.WORKER, status="created", container_id=container_id, session_id=session.id)
+                task.emit(EventType.WORKER, status="loading", container_id=container_id, session_id=session.id)
+
+        ready = await worker.start(created)
+        session.ready_info = {"pid": ready.pid, "seconds_to_ready": round(ready.seconds_to_ready, 3), **ready.info}
+        session.move(SessionState.READY)
+        session.touch()
+        for task in session.queue:
+            task.emit(
+                EventType.CONNECTION, status="session_ready", gpu_id=session.lease.gpu.index, session_id=session.id
+            )
+        return worker
+
+    async def _next_task(self, session: Session, worker: SessionWorker) -> Task | None:
+        """The next queued task, or None when the session must end (stop requested, idle, lifetime, crash)."""
+        wake = self._wakeups[session.id]
+        while True:
+            settings = self._settings()
+            now = time.time()
+            if session.stop_reason is None and now >= session.expires_at(settings.session_max_lifetime_seconds):
+                session.stop_reason = "max_lifetime"
+            if session.stop_reason is not None:
+                return None
+            if session.queue:
+                return session.queue.popleft()
+            if now >= session.idle_deadline(settings.session_idle_timeout_seconds):
+                session.stop_reason = "idle_timeout"
+                return None
+            deadline = min(
+                session.idle_deadline(settings.session_idle_timeout_seconds),
+                session.expires_at(settings.session_max_lifetime_seconds),
+            )
+            wake.clear()
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(wake.wait())
+            exited: asyncio.Future[Any] = worker.exited
+            await asyncio.wait({waiter, exited}, timeout=max(deadline - now, 0.0), return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if worker.exited.done():
+                raise await worker.crash("worker exited while idle")
+
+    async def _run(self, session: Session, worker: SessionWorker, task: Task) -> SessionWorker:
+        """Run one task on the worker; returns the worker to use next (a new one after a restart)."""
+        session.current = task
+        session.move(SessionState.WORKING)
+        session.announce_positions()
+        task.mark_running()
+        task.emit(EventType.WORKER, status="working", container_id=session.container_id, session_id=session.id)
+        worker.on_output = _output_to(task)
+        consumer = asyncio.create_task(self._consume(worker, task))
+        try:
+            outcome = await self._supervise(session, worker, task, consumer)
+        finally:
+            worker.on_output = None
+            session.current = None
+            session.tasks_run += 1
+            session.touch()
+        if outcome == "restart":
+            return await self._restart(session, worker, task)
+        if outcome == "crashed":
+            crash = await worker.crash("worker crashed while running a task")
+            exit_code = crash.status.exit_code if crash.status else None
+            task.finish(TaskStatus.FAILED, error=TaskError("worker_crashed", crash.describe()), exit_code=exit_code)
+            raise crash
+        session.move(SessionState.READY)
+        return worker
+
+    async def _supervise(self, session: Session, worker: SessionWorker, task: Task, consumer: asyncio.Task[Any]) -> str:
+        """Wait for the task's end, its timeout, a cancel or a kill; returns ok, restart, crashed or stop."""
+        timeout = max(task.request.timeout_seconds - (time.time() - (task.started_at or time.time())), 0.0)
+        wake = self._wakeups[session.id]
+        deadline = time.monotonic() + timeout
+        cancel_sent = False
+        while not consumer.done():
+            wake.clear()
+            waiter = asyncio.ensure_future(wake.wait())
+            await asyncio.wait(
+                {consumer, waiter}, timeout=max(deadline - time.monotonic(), 0.0), return_when="FIRST_COMPLETED"
+            )
+            waiter.cancel()
+            if consumer.done():
+                break
+            if session.stop_reason is not None:
+                consumer.cancel()
+                task.finish(TaskStatus.CANCELLED, error=_stop_error(session.stop_reason))
+                return "stop"
+            overdue = time.monotonic() >= deadline
+            if (overdue or task.cancel_reason) and not cancel_sent:
+                cancel_sent = True
+                if overdue and task.cancel_reason is None:
+                    task.cancel_reason = "timeout"
+                with contextlib.suppress(WorkerError):
+                    await worker.channel.cancel(task.id)
+                deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+            elif overdue:
+                consumer.cancel()
+                _finish_cancelled(task, stuck=True)
+                return "restart"
+        return _finish_from_consumer(session, task, consumer)
+
+    async def _consume(self, worker: SessionWorker, task: Task) -> dict[str, Any]:
+        """Stream the worker's events for the task into its log; return the `done` message."""
+        error: dict[str, Any] | None = None
+        async for event in worker.channel.run_task(task.id, dict(task.request.metadata)):
+            data = event.data
+            if event.type == "text_delta":
+                task.emit(EventType.TEXT_DELTA, delta=str(data.get("delta", "")))
+            elif event.type == "text":
+                task.output = [str(data.get("text", ""))]
+            elif event.type == "log":
+                task.emit(EventType.LOGS, stream=str(data.get("stream", "worker")), line=str(data.get("line", "")))
+            elif event.type == "progress":
+                task.emit(EventType.PROGRESS, **{k: v for k, v in data.items() if k != "task_id"})
+            elif event.type == "result":
+                task.result = {k: v for k, v in data.items() if k != "task_id"}
+            elif event.type == "error":
+                error = data
+            elif event.type == "done":
+                return {**data, "error": error}
+        raise WorkerError("worker stream ended without done")
+
+    async def _restart(self, session: Session, old: SessionWorker, task: Task) -> SessionWorker:
+        """Replace a worker that would not stop a task: same session, GPU and queue; a fresh container."""
+        logger.warning("session %s: worker did not stop task %s in time; restarting it", session.id, task.id)
+        session.move(SessionState.STARTING)
+        session.restarts += 1
+        await old.stop()
+        self._store.release(session.preset.model_id, session.id)
+        for queued in session.queue:
+            queued.emit(EventType.LOGS, stream="gpud", line="session worker is restarting (a task would not stop)")
+        first = session.queue[0] if session.queue else task
+        return await self._start(session, first)
+
+    # --- endings ---------------------------------------------------------------------------------------
+
+    def _end(self, session: Session, state: SessionState, reason: str) -> None:
+        if session.ended:
+            return
+        if session.state is not SessionState.STOPPING and state is SessionState.STOPPED:
+            session.move(SessionState.STOPPING)
+        session.end_reason = reason
+        session.drop_queued(TaskStatus.CANCELLED, _stop_error(reason))
+        if state is SessionState.STOPPED:
+            session.move(SessionState.STOPPED)
+
+    def _fail(self, session: Session, crash: WorkerCrashed) -> None:
+        message = crash.describe()
+        logger.warning("session %s failed: %s", session.id, message)
+        exit_code = crash.status.exit_code if crash.status else None
+        if session.current is not None:
+            session.current.finish(TaskStatus.FAILED, error=TaskError("worker_crashed", message), exit_code=exit_code)
+        session.end_reason = "worker_crashed"
+        session.drop_queued(TaskStatus.FAILED, TaskError("session_failed", f"the session's worker failed: {message}"))
+        if not session.ended:
+            session.move(SessionState.FAILED)
+
+    async def _teardown(self, session: Session, worker: SessionWorker | None) -> None:
+        """Stop the container, release model and GPU; finish anything left. Runs in every outcome."""
+        if session.stop_reason and not session.ended:
+            self._end(session, SessionState.STOPPED, session.stop_reason)
+        worker = worker or self._workers.get(session.id)
+        if worker is not None:
+            await worker.stop()
+        self._workers.pop(session.id, None)
+        self._store.release(session.preset.model_id, session.id)
+        self._scheduler.release(session.lease)
+        for task in [session.current, *session.queue]:
+            if task is not None:
+                task.finish(TaskStatus.CANCELLED, error=_stop_error(session.end_reason or "stopped"))
+        if not session.ended:
+            session.move(SessionState.FAILED)
+        self._lives.pop(session.id, None)
+        self._wakeups.pop(session.id, None)
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def _wake(self, session: Session) -> None:
+        wake = self._wakeups.get(session.id)
+        if wake is not None:
+            wake.set()
+
+    def _attach_cancel(self, session: Session, task: Task) -> None:
+        async def cancel(reason: str) -> None:
+            if task in session.queue:
+                session.queue.remove(task)
+                task.finish(TaskStatus.CANCELLED, error=cancel_error(reason))
+                session.announce_positions()
+            else:
+                self._wake(session)  # the supervisor sees task.cancel_reason and tells the worker
+
+        task.cancel_hook = cancel
+
+
+def _output_to(task: Task) -> Callable[[LogLine], None]:
+    """Container output (outside the protocol) goes to the running task as `logs` events."""
+
+    def forward(line: LogLine) -> None:
+        stream = "stdout" if line.stream is Stream.STDOUT else "stderr"
+        task.emit(EventType.LOGS, stream=stream, line=line.line)
+
+    return forward
+
+
+def _finish_from_consumer(session: Session, task: Task, consumer: asyncio.Task[Any]) -> str:
+    if consumer.cancelled() or isinstance(consumer.exception(), WorkerError):
+        return "crashed"
+    exc = consumer.exception()
+    if exc is not None:
+        raise exc
+    done = consumer.result()
+    # The worker is idle again, model loaded: the original design's WAITING.
+    task.emit(EventType.WORKER, status="waiting", container_id=session.container_id, session_id=session.id)
+    status = str(done.get("status", "completed"))
+    error = done.get("error")
+    if task.cancel_reason and status == "cancelled":
+        _finish_cancelled(task, stuck=False)
+    elif status == "completed":
+        task.finish(TaskStatus.COMPLETED)
+    elif status == "cancelled":
+        task.finish(TaskStatus.CANCELLED, error=TaskError("cancelled", "the worker cancelled the task"))
+    else:
+        message = str((error or {}).get("message") or "the worker reported a failure")
+        task.finish(TaskStatus.FAILED, error=TaskError(str((error or {}).get("code") or "task_failed"), message))
+    return "ok"
+
+
+def _finish_cancelled(task: Task, stuck: bool) -> None:
+    suffix = f"; the worker did not stop it within {CANCEL_GRACE_SECONDS:g}s, so the session was restarted"
+    if task.cancel_reason == "timeout":
+        error = TaskError("timeout", f"task ran past its timeout of {task.request.timeout_seconds:g}s")
+        task.finish(TaskStatus.TIMEOUT, error=TaskError(error.code, error.message + (suffix if stuck else "")))
+        return
+    error = cancel_error(task.cancel_reason or "cancelled")
+    task.finish(TaskStatus.CANCELLED, error=TaskError(error.code, error.message + (suffix if stuck else "")))
+
+
+def _stop_error(reason: str) -> TaskError:
+    return TaskError(f"session_{reason}" if not reason.startswith("session") else reason, _REASONS.get(reason, reason))

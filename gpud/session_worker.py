@@ -1,0 +1,174 @@
+"""One session's worker: its container, its protocol channel, its output, and how it ended."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gpud.oneoff import gpu_device
+from gpud.presets import Preset
+from gpud.runtime.base import ContainerNotFound, ContainerRuntime, ExitStatus, LogLine, Mount
+from gpud.runtime.spec import build_spec
+from gpud.scheduler import Lease
+from gpud.tasks import ERROR_TAIL_LINES
+from gpud.worker.channel import ReadyInfo, WorkerChannel, WorkerError
+from gpud.worker.protocol import SOCKET_NAME
+
+logger = logging.getLogger(__name__)
+
+WORKER_SOCKET_DIR = "/run/gpud-worker"
+SDK_DIR = "/opt/gpud/lib"
+SDK_MODULE = "gpud_worker.py"
+
+
+def install_sdk(source: Path, sdk_dir: Path) -> None:
+    """Copy the stdlib-only SDK to `sdk_dir/gpud_worker.py`, readable by any worker user (mounted read-only)."""
+    sdk_dir.mkdir(parents=True, exist_ok=True)
+    sdk_dir.chmod(0o755)
+    target = sdk_dir / SDK_MODULE
+    tmp = target.with_suffix(".tmp")
+    shutil.copyfile(source, tmp)
+    tmp.chmod(0o644)
+    tmp.replace(target)  # atomic: a worker starting now sees the old file or the new one, never half
+
+
+STOP_GRACE_SECONDS = 5.0
+
+
+class WorkerCrashed(Exception):
+    """The worker's container exited or its connection dropped; carries the exit status and last lines."""
+
+    def __init__(self, message: str, status: ExitStatus | None, tail: list[str]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.tail = tail
+
+    def describe(self) -> str:
+        """A message for the task's error: what happened, the exit code, the last log lines."""
+        text = str(self)
+        if self.status is not None:
+            text += f" (exit code {self.status.exit_code}{', out of memory' if self.status.oom_killed else ''})"
+        if self.tail:
+            text += "; last log lines:\n" + "\n".join(self.tail)
+        return text
+
+
+class SessionWorker:
+    """Starts a long-lived worker container speaking the worker protocol, and stops it."""
+
+    def __init__(
+        self,
+        runtime: ContainerRuntime,
+        preset: Preset,
+        session_id: str,
+        first_task_id: str,
+        lease: Lease,
+        model_dir: Path,
+        socket_dir: Path,
+        sdk_dir: Path,
+    ) -> None:
+        self._runtime = runtime
+        self._preset = preset
+        self._session_id = session_id
+        self._first_task_id = first_task_id
+        self._lease = lease
+        self._model_dir = model_dir
+        self._socket_dir = socket_dir
+        self._sdk_dir = sdk_dir
+        self.channel = WorkerChannel(socket_dir)
+        self.container_id: str | None = None
+        self.ready: ReadyInfo | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
+        self.exited: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
+        self._background: list[asyncio.Task[None]] = []
+        # Where container output goes while a task runs (the session points it at the current task).
+        self.on_output: Callable[[LogLine], None] | None = None
+
+    async def start(self, on_created: Callable[[str], None]) -> ReadyInfo:
+        """Run the container and wait for `ready`; raises WorkerCrashed when it exits or never gets ready."""
+        await self.channel.start()
+        spec = build_spec(
+            self._preset,
+            task_id=self._first_task_id,
+            session_id=self._session_id,
+            gpu=gpu_device(self._lease),
+            model_dir=self._model_dir,
+            mounts=[
+                Mount(str(self._socket_dir), WORKER_SOCKET_DIR, read_only=False),
+                Mount(str(self._sdk_dir), SDK_DIR, read_only=True),
+            ],
+            env={"GPUD_WORKER_SOCKET": f"{WORKER_SOCKET_DIR}/{SOCKET_NAME}", "PYTHONPATH": SDK_DIR},
+            stop_grace_seconds=STOP_GRACE_SECONDS,
+        )
+        self.container_id = await self._runtime.run(spec)
+        on_created(self.container_id)
+        self._background = [asyncio.create_task(self._pump()), asyncio.create_task(self._watch_exit())]
+        ready: asyncio.Future[Any] = asyncio.ensure_future(
+            self.channel.wait_ready(self._preset.readiness_timeout_seconds)
+        )
+        exited: asyncio.Future[Any] = self.exited
+        await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            raise await self.crash("worker exited before it was ready")
+        try:
+            self.ready = ready.result()
+        except WorkerError as exc:
+            raise await self.crash(f"worker did not become ready: {exc}") from None
+        return self.ready
+
+    async def crash(self, message: str) -> WorkerCrashed:
+        """A WorkerCrashed with the exit status (waiting briefly for it) and the last output lines."""
+        status = None
+        with contextlib.suppress(TimeoutError):
+            status = await asyncio.wait_for(asyncio.shield(self.exited), 5.0)
+        # Give the log pump a moment to deliver the container's last lines.
+        await asyncio.sleep(0.2)
+        return WorkerCrashed(message, status, list(self.tail))
+
+    async def _pump(self) -> None:
+        assert self.container_id is not None
+        with contextlib.suppress(Exception):
+            async for line in self._runtime.logs(self.container_id, follow=True):
+                self.tail.append(line.line)
+                if self.on_output is not None:
+                    self.on_output(line)
+
+    async def _watch_exit(self) -> None:
+        assert self.container_id is not None
+        try:
+            status = await self._runtime.wait(self.container_id)
+        except Exception as exc:  # the engine went away: treat as an exit of unknown code
+            status = ExitStatus(exit_code=-1, error=str(exc))
+        if not self.exited.done():
+            self.exited.set_result(status)
+
+    async def stop(self) -> None:
+        """Ask the worker to exit, then stop and remove its container; never raises."""
+        await self.channel.shutdown()
+        if self.container_id is not None:
+            try:
+                await asyncio.shield(self._stop_container(self.container_id))
+            except Exception:
+                logger.exception("could not remove session %s container %s", self._session_id, self.container_id)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.channel.close()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self._socket_dir)
+        if not self.exited.done():
+            self.exited.cancel()
+
+    async def _stop_container(self, container_id: str) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.exited), 1.0)  # it may exit by itself on `shutdown`
+        with contextlib.suppress(ContainerNotFound):  # already gone is what we want
+            await self._runtime.stop(container_id, STOP_GRACE_SECONDS)
+            await self._runtime.remove(container_id)

@@ -1,0 +1,176 @@
+"""Sessions: a long-lived worker keeping a model loaded, its state machine, and its FIFO queue of tasks."""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpud.errors import Busy, Gone, NotFound
+from gpud.events import EventType
+from gpud.presets import Preset
+from gpud.scheduler import Lease
+from gpud.tasks import Task, TaskError, TaskStatus
+
+logger = logging.getLogger(__name__)
+
+
+class SessionState(enum.StrEnum):
+    """Where a session is in its life."""
+
+    STARTING = "starting"  # container starting, model loading
+    READY = "ready"  # worker idle, waiting for tasks (the original design's WAITING)
+    WORKING = "working"  # a task is running
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+# The only moves a session may make. STARTING again from READY/WORKING is a restart of a stuck worker.
+ALLOWED_MOVES: dict[SessionState, frozenset[SessionState]] = {
+    SessionState.STARTING: frozenset({SessionState.READY, SessionState.STOPPING, SessionState.FAILED}),
+    SessionState.READY: frozenset(
+        {SessionState.WORKING, SessionState.STOPPING, SessionState.FAILED, SessionState.STARTING}
+    ),
+    SessionState.WORKING: frozenset(
+        {SessionState.READY, SessionState.STOPPING, SessionState.FAILED, SessionState.STARTING}
+    ),
+    SessionState.STOPPING: frozenset({SessionState.STOPPED, SessionState.FAILED}),
+    SessionState.STOPPED: frozenset(),
+    SessionState.FAILED: frozenset(),
+}
+ENDED = frozenset({SessionState.STOPPED, SessionState.FAILED})
+
+
+class IllegalMove(RuntimeError):
+    """A bug: code tried a state change the table does not allow."""
+
+
+@dataclass(eq=False)
+class Session:
+    """One session's record: identity, state, queue, and timing. SessionManager drives it."""
+
+    id: str
+    preset: Preset
+    difficulty: str
+    lease: Lease
+    state: SessionState = SessionState.STARTING
+    queue: collections.deque[Task] = field(default_factory=collections.deque)
+    current: Task | None = None
+    container_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+    last_activity: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    end_reason: str | None = None
+    tasks_run: int = 0
+    restarts: int = 0
+    ready_info: dict[str, Any] = field(default_factory=dict)
+    # Set to a reason code when the session must end (kill, idle, lifetime, shutdown).
+    stop_reason: str | None = None
+
+    def move(self, to: SessionState) -> None:
+        """Change state, only along the table's moves."""
+        if to not in ALLOWED_MOVES[self.state]:
+            raise IllegalMove(f"session {self.id}: {self.state} -> {to} is not allowed")
+        logger.info("session %s: %s -> %s", self.id, self.state.value, to.value)
+        self.state = to
+        if to in ENDED:
+            self.ended_at = time.time()
+
+    @property
+    def ended(self) -> bool:
+        """Whether the session is over."""
+        return self.state in ENDED
+
+    def expires_at(self, max_lifetime: float) -> float:
+        """When the session stops accepting tasks."""
+        return self.created_at + max_lifetime
+
+    def idle_deadline(self, idle_timeout: float) -> float:
+        """When an idle session ends (counting from the last task or keepalive)."""
+        return self.last_activity + idle_timeout
+
+    def touch(self) -> None:
+        """Record activity (a task finished, a task queued, a keepalive)."""
+        self.last_activity = time.time()
+
+    def check_accepts(self, max_lifetime: float, queue_max: int) -> None:
+        """Raise the error a new task for this session gets, if it cannot be queued."""
+        if self.ended or self.stop_reason is not None:
+            reason = self.end_reason or self.stop_reason
+            raise Gone(f"session {self.id} has ended ({reason})", code="session_ended")
+        if time.time() >= self.expires_at(max_lifetime):
+            raise Gone(f"session {self.id} reached its max lifetime and takes no new tasks", code="session_expired")
+        if len(self.queue) >= queue_max:
+            raise Busy(
+                f"session {self.id} already has {len(self.queue)} task(s) waiting (SESSION_QUEUE_MAX_SIZE)",
+                code="session_queue_full",
+                retry_after=5.0,
+            )
+
+    def announce_positions(self) -> None:
+        """Tell every queued task where it stands (1 = next)."""
+        for position, task in enumerate(self.queue, start=1):
+            task.emit(EventType.WORKER, status="queued", container_id=self.container_id, queue_position=position)
+
+    def drop_queued(self, status: TaskStatus, error: TaskError) -> None:
+        """End every task still waiting in the queue."""
+        while self.queue:
+            self.queue.popleft().finish(status, error=error)
+
+    def report(self) -> dict[str, Any]:
+        """The session as JSON for the API."""
+        return {
+            "session_id": self.id,
+            "state": self.state.value,
+            "model_id": self.preset.model_id,
+            "task_preset": self.preset.name,
+            "task_difficulty": self.difficulty,
+            "gpu_id": self.lease.gpu.index,
+            "gpu_uuid": self.lease.gpu.uuid,
+            "container_id": self.container_id,
+            "current_task": self.current.id if self.current else None,
+            "queue": [task.id for task in self.queue],
+            "queue_length": len(self.queue),
+            "created_at": self.created_at,
+            "last_activity": self.last_activity,
+            "ended_at": self.ended_at,
+            "end_reason": self.end_reason,
+            "tasks_run": self.tasks_run,
+            "restarts": self.restarts,
+            "worker": self.ready_info,
+        }
+
+
+class SessionRegistry:
+    """Live sessions, and ended ones for a while (so their id answers 410, not 404)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+
+    def add(self, session: Session) -> None:
+        """Register a new session."""
+        self._sessions[session.id] = session
+
+    def get(self, session_id: str) -> Session:
+        """The session, or NotFound."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"no session {session_id!r}", code="session_not_found")
+        return session
+
+    def all(self) -> list[Session]:
+        """Every known session, oldest first."""
+        return sorted(self._sessions.values(), key=lambda s: s.created_at)
+
+    def live(self) -> list[Session]:
+        """Sessions not ended."""
+        return [s for s in self._sessions.values() if not s.ended]
+
+    def purge(self, older_than: float) -> None:
+        """Forget sessions that ended before the given time."""
+        for session_id in [s.id for s in self._sessions.values() if s.ended and (s.ended_at or 0) < older_than]:
+            del self._sessions[session_id]

@@ -1,0 +1,218 @@
+"""Tasks: the record of one submission (status, times, output, events) and the registry that keeps them."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpud.errors import NotFound
+from gpud.events import EventType, TaskEventLog
+from gpud.presets import Preset
+from gpud.taskspec import TaskRequest
+
+logger = logging.getLogger(__name__)
+
+# How many log lines a failed task's error quotes (the last ones).
+ERROR_TAIL_LINES = 20
+
+
+class TaskStatus(enum.StrEnum):
+    """Where a task is in its life; the last four are final."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED})
+
+
+def new_id() -> str:
+    """A random 128-bit id in hex: unguessable, so ids double as capabilities to read a task's stream."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class TaskError:
+    """Why a task did not complete: a stable code and a message for people."""
+
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        """As JSON."""
+        return {"code": self.code, "message": self.message}
+
+
+CancelHook = Callable[[str], Coroutine[Any, Any, None]]
+
+_CANCEL_MESSAGES = {
+    "client_gone": "every client disconnected and none came back within the grace period",
+    "shutdown": "gpud is shutting down",
+}
+
+
+def cancel_error(reason: str) -> TaskError:
+    """The error a task cancelled for `reason` finishes with."""
+    return TaskError(reason, _CANCEL_MESSAGES.get(reason, "cancelled on request"))
+
+
+@dataclass(eq=False)
+class Task:
+    """One submitted task. The runner that owns it moves its status; clients read its log."""
+
+    request: TaskRequest
+    preset: Preset
+    id: str = field(default_factory=new_id)
+    status: TaskStatus = TaskStatus.QUEUED
+    session_id: str | None = None
+    gpu_id: int | None = None
+    container_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    error: TaskError | None = None
+    result: dict[str, Any] | None = None
+    output: list[str] = field(default_factory=list)
+    log: TaskEventLog = field(init=False)
+    # Set by the runner while the task can be cancelled; called with a reason code.
+    cancel_hook: CancelHook | None = None
+    cancel_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.log = TaskEventLog(self.id)
+
+    @property
+    def final(self) -> bool:
+        """Whether the task has ended."""
+        return self.status in FINAL
+
+    @property
+    def text(self) -> str:
+        """The complete output so far."""
+        return "".join(self.output)
+
+    def emit(self, type: EventType, **data: Any) -> None:
+        """Append an event to the task's stream (text deltas are also collected as the output)."""
+        if type is EventType.TEXT_DELTA:
+            self.output.append(data["delta"])
+        self.log.append(type, data)
+
+    def mark_running(self) -> None:
+        """The task has started on a worker."""
+        if not self.final:
+            self.status = TaskStatus.RUNNING
+            self.started_at = time.time()
+
+    def finish(
+        self,
+        status: TaskStatus,
+        *,
+        error: TaskError | None = None,
+        exit_code: int | None = None,
+        text: str | None = None,
+    ) -> bool:
+        """End the task once: emit `text` (complete output) then `task_finish`. Returns False if already final."""
+        if self.final:
+            return False
+        self.status = status
+        self.finished_at = time.time()
+        self.error = error
+        self.exit_code = exit_code
+        self.cancel_hook = None
+        if text is not None:
+            self.output = [text]
+        if self.output or status is TaskStatus.COMPLETED:
+            self.log.append(EventType.TEXT, {"text": self.text})
+        data: dict[str, Any] = {"status": status.value, "elapsed_seconds": round(self.elapsed(), 3)}
+        if error is not None:
+            data["error"] = error.to_dict()
+        if exit_code is not None:
+            data["exit_code"] = exit_code
+        self.log.finish(data)
+        logger.info("task %s %s%s", self.id, status.value, f" ({error.code}: {error.message})" if error else "")
+        return True
+
+    def elapsed(self) -> float:
+        """Seconds from submission to the end (or to now)."""
+        return (self.finished_at or time.time()) - self.created_at
+
+    async def cancel(self, reason: str = "cancelled") -> bool:
+        """Ask the runner to cancel; False when the task is already final."""
+        if self.final:
+            return False
+        self.cancel_reason = self.cancel_reason or reason
+        if self.cancel_hook is not None:
+            await self.cancel_hook(reason)
+        return True
+
+    def report(self, with_result: bool = False) -> dict[str, Any]:
+        """The task as JSON for the API."""
+        report: dict[str, Any] = {
+            "task_id": self.id,
+            "status": self.status.value,
+            "task_type": self.request.task_type.value,
+            "task_difficulty": self.request.difficulty,
+            "model_id": self.request.model_id,
+            "task_preset": self.request.preset,
+            "session_id": self.session_id,
+            "gpu_id": self.gpu_id,
+            "container_id": self.container_id,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "elapsed_seconds": round(self.elapsed(), 3),
+            "timeout_seconds": self.request.timeout_seconds,
+            "exit_code": self.exit_code,
+            "error": self.error.to_dict() if self.error else None,
+            "events": self.log.last_id,
+            "clients": self.log.subscribers,
+        }
+        if with_result:
+            report["text"] = self.text
+            report["result"] = self.result
+        return report
+
+
+class TaskRegistry:
+    """Active tasks, and finished ones for a retention period (so streams can be replayed after the end)."""
+
+    def __init__(self, retention_seconds: Callable[[], float]) -> None:
+        self._tasks: dict[str, Task] = {}
+        self._retention = retention_seconds
+
+    def add(self, task: Task) -> None:
+        """Register a new task."""
+        self._tasks[task.id] = task
+
+    def get(self, task_id: str) -> Task:
+        """The task, or NotFound."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id!r} (finished tasks are kept for a while, then forgotten)")
+        return task
+
+    def all(self) -> list[Task]:
+        """Every known task, oldest first."""
+        return sorted(self._tasks.values(), key=lambda t: t.created_at)
+
+    def active(self) -> list[Task]:
+        """Tasks not yet final."""
+        return [t for t in self._tasks.values() if not t.final]
+
+    def purge(self, now: float | None = None) -> int:
+        """Forget finished tasks older than the retention period; returns how many."""
+        cutoff = (now or time.time()) - self._retention()
+        old = [t.id for t in self._tasks.values() if t.final and (t.finished_at or 0) < cutoff]
+        for task_id in old:
+            del self._tasks[task_id]
+        return len(old)

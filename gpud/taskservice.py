@@ -1,0 +1,133 @@
+"""Task submission: every check that can fail before work starts, then hand-off to a one-off run or a session."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gpud.config import Settings
+from gpud.errors import Conflict, InvalidRequest, NotFound
+from gpud.modelstore import ModelStore
+from gpud.oneoff import OneOffRunner
+from gpud.presets import PresetCatalog
+from gpud.runtime.base import ContainerRuntime, EngineUnavailable
+from gpud.runtime.images import ImagePolicy
+from gpud.scheduler import Scheduler
+from gpud.session_manager import SessionManager
+from gpud.tasks import Task, TaskRegistry, new_id
+from gpud.taskspec import TaskRequest, TaskType
+
+logger = logging.getLogger(__name__)
+
+# How often the janitor looks for abandoned tasks and expired records.
+JANITOR_INTERVAL_SECONDS = 1.0
+
+
+class TaskService:
+    """Accepts tasks and keeps them until their retention ends; owns the one-off runs it starts."""
+
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        presets: Callable[[], PresetCatalog],
+        runtime: ContainerRuntime,
+        store: ModelStore,
+        scheduler: Scheduler,
+        oneoff: OneOffRunner,
+        sessions: SessionManager,
+    ) -> None:
+        self._settings = settings
+        self._presets = presets
+        self._runtime = runtime
+        self._store = store
+        self._scheduler = scheduler
+        self._oneoff = oneoff
+        self.sessions = sessions
+        self.registry = TaskRegistry(lambda: self._settings().task_retention_seconds)
+        self._runs: set[asyncio.Task[None]] = set()
+
+    async def submit(self, request: TaskRequest) -> Task:
+        """Validate against the host's state and start the task; raises the error a client should see."""
+        if request.session_id is not None:
+            return self._submit_to_session(request)
+        preset = self._presets().get(request.model_id, request.preset)
+        expected = "oneoff" if request.task_type is TaskType.ONEOFF else "session"
+        if preset.mode not in ("any", expected):
+            raise InvalidRequest(f"preset {preset.key} runs as {preset.mode}, not {expected}", code="invalid_task_type")
+        ImagePolicy.parse(",".join(self._settings().allowed_docker_images)).check(preset.image)
+        self._check_model(request.model_id)
+        health = await self._runtime.health()
+        if not health.ok:
+            raise EngineUnavailable(f"the {health.runtime} engine is not reachable: {health.detail}", retry_after=5.0)
+        task = Task(request=request, preset=preset)
+        if request.task_type is TaskType.ONEOFF:
+            lease = self._scheduler.acquire(request.difficulty, task.id, "task")
+            task.gpu_id = lease.gpu.index
+            self._spawn(self._oneoff.run(task, lease), task)
+        else:
+            lease = self._scheduler.acquire(request.difficulty, new_id(), "session")
+            self.sessions.open(task, lease)
+        self.registry.add(task)
+        return task
+
+    def _submit_to_session(self, request: TaskRequest) -> Task:
+        assert request.session_id is not None
+        session = self.sessions.registry.get(request.session_id)
+        if (request.model_id, request.preset) != (session.preset.model_id, session.preset.name):
+            raise Conflict(
+                f"session {session.id} runs {session.preset.key}, not {request.model_id}/{request.preset}",
+                code="session_model_mismatch",
+            )
+        task = Task(request=request, preset=session.preset)
+        self.sessions.enqueue(session, task)
+        self.registry.add(task)
+        return task
+
+    def _check_model(self, model_id: str) -> None:
+        """Bad ids are 400; a model that is absent with auto-fetch off is 404 before any GPU is leased."""
+        path = self._store.path_for(model_id)
+        if not self._settings().auto_fetch_models and not path.is_dir():
+            raise NotFound(
+                f"model {model_id!r} is not in the cache and AUTO_FETCH_MODELS is off", code="model_not_cached"
+            )
+
+    def _spawn(self, coro: Any, task: Task) -> None:
+        run = asyncio.create_task(coro, name=f"task-{task.id}")
+        self._runs.add(run)
+        run.add_done_callback(self._runs.discard)
+
+    async def cancel(self, task_id: str) -> Task:
+        """Cancel a queued or running task; Conflict when it has already ended."""
+        task = self.registry.get(task_id)
+        if not await task.cancel("cancelled"):
+            raise Conflict(f"task {task_id} has already ended ({task.status.value})", code="task_finished")
+        return task
+
+    def counts(self) -> dict[str, int]:
+        """Active tasks and live sessions, for /health."""
+        return {"active_tasks": len(self.registry.active()), "active_sessions": len(self.sessions.registry.live())}
+
+    async def janitor(self) -> None:
+        """Forever: cancel tasks whose clients are all gone past the grace period; forget old records."""
+        while True:
+            await asyncio.sleep(JANITOR_INTERVAL_SECONDS)
+            settings = self._settings()
+            now = time.monotonic()
+            for task in self.registry.active():
+                left = task.log.last_left_at
+                if left is not None and now - left >= settings.client_gone_grace_seconds:
+                    logger.info("task %s: no client for %.0fs; cancelling", task.id, now - left)
+                    await task.cancel("client_gone")
+            self.registry.purge()
+            self.sessions.purge(settings.task_retention_seconds)
+
+    async def shutdown(self) -> None:
+        """End every session and one-off run; their clients get task_finish."""
+        await self.sessions.shutdown()
+        for task in self.registry.active():
+            await task.cancel("shutdown")
+        if self._runs:
+            await asyncio.wait(set(self._runs), timeout=30.0)
