@@ -1,0 +1,33 @@
+"""The worker protocol: wire format (protocol), gpud's side (channel), and the in-container SDK (sdk)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpud.worker.protocol import (
+    CONTAINER_SDK_DIR,
+    CONTAINER_SDK_PATH,
+    CONTAINER_SOCKET_DIR,
+    CONTAINER_SOCKET_PATH,
+    ENV_SOCKET,
+)
+
+
+def sdk_source_path() -> Path:
+    """The host file the runtime bind-mounts read-only at CONTAINER_SDK_PATH."""
+    return Path(__file__).with_name("sdk.py")
+
+
+def session_worker_env() -> dict[str, str]:
+    """Environment a session container needs to find gpud's socket and import gpud_worker."""
+    return {ENV_SOCKET: CONTAINER_SOCKET_PATH, "PYTHONPATH": CONTAINER_SDK_DIR}
+
+
+__all__ = [
+    "CONTAINER_SDK_DIR",
+    "CONTAINER_SDK_PATH",
+    "CONTAINER_SOCKET_DIR",
+    "CONTAINER_SOCKET_PATH",
+    "sdk_source_path",
+    "session_worker_env",
+]

@@ -1,0 +1,348 @@
+"""Host side of the worker protocol: gpud listens on a per-session Unix socket, one worker connects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpud.worker.protocol import (
+    MAX_MESSAGE_SIZE,
+    PROTOCOL_VERSION,
+    SOCKET_NAME,
+    HostMessage,
+    LineFramer,
+    ProtocolError,
+    WorkerMessage,
+    decode,
+    encode,
+)
+
+logger = logging.getLogger(__name__)
+
+# Socket and directory modes: the container's unprivileged user (e.g. uid 65534) must connect(), which needs
+# write permission on the socket and search permission on the directory. See docs/worker-protocol.md, Security.
+SOCKET_MODE = 0o666
+DIR_MODE = 0o711
+_READ_SIZE = 256 * 1024
+_TASK_EVENTS = frozenset(
+    {
+        WorkerMessage.TEXT_DELTA,
+        WorkerMessage.TEXT,
+        WorkerMessage.LOG,
+        WorkerMessage.PROGRESS,
+        WorkerMessage.RESULT,
+        WorkerMessage.ERROR,
+        WorkerMessage.DONE,
+    }
+)
+
+
+class WorkerError(Exception):
+    """Base of every failure the channel reports."""
+
+
+class WorkerGone(WorkerError):
+    """The worker's connection closed (it exited, crashed, or was killed)."""
+
+
+class WorkerTimeout(WorkerError, TimeoutError):
+    """The worker did not answer in time."""
+
+
+class WorkerBusy(WorkerError):
+    """A task is already running on this worker (one at a time)."""
+
+
+class WorkerSetupFailed(WorkerError):
+    """The worker reported an error before it became ready (its load step failed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyInfo:
+    """What the worker said when it became ready."""
+
+    protocol: int
+    pid: int | None
+    info: dict[str, Any]
+    seconds_to_ready: float  # from start() to `ready`, measured by gpud
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerEvent:
+    """One task message from the worker: type is a WorkerMessage value, data is the message minus `type`."""
+
+    type: str
+    task_id: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Running:
+    task_id: str
+    queue: asyncio.Queue[WorkerEvent | WorkerError] = field(default_factory=asyncio.Queue)
+    abandoned: bool = False  # the caller stopped iterating; drop events until `done`
+
+
+class WorkerChannel:
+    """Listens on `<socket_dir>/worker.sock`, accepts one worker, and runs its tasks one at a time."""
+
+    def __init__(self, socket_dir: Path, *, max_message: int = MAX_MESSAGE_SIZE) -> None:
+        self.socket_dir = Path(socket_dir)
+        self.socket_path = self.socket_dir / SOCKET_NAME
+        self._max = max_message
+        self._server: asyncio.Server | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._ready: asyncio.Future[ReadyInfo] | None = None
+        self._hello: dict[str, Any] = {}
+        self._running: _Running | None = None
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        self._ping_ids = itertools.count(1)
+        self._gone: WorkerGone | None = None
+        self._started_at = 0.0
+        self.protocol_errors = 0
+
+    @property
+    def running_task(self) -> str | None:
+        """The id of the task the worker is running, if any."""
+        return self._running.task_id if self._running else None
+
+    @property
+    def gone(self) -> bool:
+        """True once the worker's connection has closed."""
+        return self._gone is not None
+
+    async def start(self) -> None:
+        """Create the socket directory and listen; the worker may connect from now on."""
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.socket_dir, DIR_MODE)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()  # a stale socket from a previous run would make bind() fail
+        self._ready = asyncio.get_running_loop().create_future()
+        self._started_at = time.monotonic()
+        self._server = await asyncio.start_unix_server(self._on_connect, path=str(self.socket_path), limit=self._max)
+        os.chmod(self.socket_path, SOCKET_MODE)
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._writer is not None or self._gone is not None:
+            # Exactly one worker per session socket; a second connection is refused, not queued.
+            logger.warning("worker socket %s: refusing a second connection", self.socket_path)
+            writer.close()
+            return
+        self._writer = writer
+        self._connected.set()
+        self._reader_task = asyncio.current_task()
+        try:
+            await self._read_loop(reader)
+        finally:
+            writer.close()
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        framer = LineFramer(self._max)
+        reason = "worker closed the connection"
+        try:
+            while data := await reader.read(_READ_SIZE):
+                for item in framer.feed(data):
+                    self._dispatch_line(item)
+        except (ConnectionError, OSError) as exc:
+            reason = f"worker connection failed: {exc}"
+        self._mark_gone(reason)
+
+    def _dispatch_line(self, item: bytes | ProtocolError) -> None:
+        try:
+            if isinstance(item, ProtocolError):
+                raise item
+            message = decode(item, max_size=self._max)
+        except ProtocolError as exc:
+            self._protocol_error(str(exc))
+            return
+        self._dispatch(message)
+
+    def _protocol_error(self, problem: str) -> None:
+        # A broken message is skipped, not fatal: the worker may still finish its task. The running task's
+        # consumer sees it as a log line so the client learns why output may be missing.
+        self.protocol_errors += 1
+        logger.warning("worker socket %s: protocol error: %s", self.socket_path, problem)
+        if self._running is not None:
+            data = {"stream": "gpud", "line": f"worker protocol error: {problem}"}
+            self._running.queue.put_nowait(WorkerEvent(WorkerMessage.LOG, self._running.task_id, data))
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.pop("type")
+        if kind == WorkerMessage.HELLO:
+            self._on_hello(message)
+        elif kind == WorkerMessage.READY:
+            self._on_ready(message)
+        elif kind == WorkerMessage.PONG:
+            future = self._pings.pop(message.get("id", -1), None)
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif kind == WorkerMessage.ERROR and "task_id" not in message:
+            self._on_worker_error(message)
+        elif kind in _TASK_EVENTS:
+            self._on_task_event(kind, message)
+        else:
+            logger.debug("worker socket %s: ignoring unknown message type %r", self.socket_path, kind)
+
+    def _on_hello(self, message: dict[str, Any]) -> None:
+        self._hello = message
+        version = message.get("protocol")
+        if version != PROTOCOL_VERSION:
+            problem = f"worker speaks protocol {version!r}, gpud speaks {PROTOCOL_VERSION}"
+            self._send_nowait({"type": HostMessage.SHUTDOWN, "reason": problem})
+            self._fail_ready(WorkerSetupFailed(problem))
+
+    def _on_ready(self, message: dict[str, Any]) -> None:
+        info = message.get("info")
+        ready = ReadyInfo(
+            protocol=int(self._hello.get("protocol", PROTOCOL_VERSION)),
+            pid=self._hello.get("pid"),
+            info=info if isinstance(info, dict) else {},
+            seconds_to_ready=time.monotonic() - self._started_at,
+        )
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(ready)
+
+    def _on_worker_error(self, message: dict[str, Any]) -> None:
+        text = str(message.get("message", "worker error"))
+        if self._ready is not None and not self._ready.done():
+            self._fail_ready(WorkerSetupFailed(text))
+        else:
+            logger.warning("worker socket %s: worker error: %s", self.socket_path, text)
+
+    def _on_task_event(self, kind: str, message: dict[str, Any]) -> None:
+        running = self._running
+        task_id = message.get("task_id")
+        if running is None or task_id != running.task_id:
+            logger.debug("worker socket %s: dropping %s for task %r", self.socket_path, kind, task_id)
+            return
+        if kind == WorkerMessage.DONE:
+            self._running = None  # the worker is free again as soon as it says so
+        if not running.abandoned:
+            running.queue.put_nowait(WorkerEvent(kind, running.task_id, message))
+
+    def _fail_ready(self, error: WorkerError) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()  # mark retrieved: nobody may be waiting yet
+
+    def _mark_gone(self, reason: str) -> None:
+        if self._gone is not None:
+            return
+        self._gone = WorkerGone(reason)
+        self._connected.set()
+        self._fail_ready(WorkerGone(reason))
+        if self._running is not None:
+            self._running.queue.put_nowait(WorkerGone(f"{reason} while running task {self._running.task_id}"))
+            self._running = None
+        for future in self._pings.values():
+            if not future.done():
+                future.set_exception(WorkerGone(reason))
+        self._pings.clear()
+
+    def _send_nowait(self, message: dict[str, Any]) -> None:
+        if self._gone is not None:
+            raise self._gone
+        if self._writer is None:
+            raise WorkerError("no worker is connected")
+        self._writer.write(encode(message, max_size=self._max))
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        self._send_nowait(message)
+        assert self._writer is not None
+        try:
+            await self._writer.drain()
+        except ConnectionError as exc:
+            raise WorkerGone(f"worker connection failed: {exc}") from exc
+
+    async def wait_ready(self, timeout: float) -> ReadyInfo:
+        """Wait until the worker connects and says `ready`; raises WorkerTimeout, WorkerGone, WorkerSetupFailed."""
+        if self._ready is None:
+            raise WorkerError("channel not started")
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except TimeoutError:
+            raise WorkerTimeout(f"worker not ready within {timeout:g}s") from None
+
+    async def run_task(self, task_id: str, input: dict[str, Any]) -> AsyncIterator[WorkerEvent]:
+        """Send a task and yield its events; the last one yielded is `done`. Raises WorkerGone, WorkerBusy."""
+        if self._ready is None or not self._ready.done() or self._ready.exception() is not None:
+            raise WorkerError("worker is not ready")
+        if self._running is not None:
+            raise WorkerBusy(f"worker is running task {self._running.task_id}")
+        running = _Running(task_id)
+        self._running = running
+        try:
+            await self._send({"type": HostMessage.TASK, "task_id": task_id, "input": input})
+            while True:
+                item = await running.queue.get()
+                if isinstance(item, WorkerError):
+                    raise item
+                yield item
+                if item.type == WorkerMessage.DONE:
+                    return
+        finally:
+            # A caller that stops early leaves the worker busy until it says `done`; its events are dropped.
+            running.abandoned = True
+            if self._running is running and self._gone is not None:
+                self._running = None
+
+    async def cancel(self, task_id: str) -> None:
+        """Ask the worker to stop a task; it answers with `done` (cancelled) if it complies. No-op if idle."""
+        if self._running is None or self._running.task_id != task_id or self._gone is not None:
+            return
+        await self._send({"type": HostMessage.CANCEL, "task_id": task_id})
+
+    async def ping(self, timeout: float) -> float:
+        """Round-trip a ping; return the seconds it took. Raises WorkerTimeout or WorkerGone."""
+        await self._connected_or_raise(timeout)
+        ping_id = next(self._ping_ids)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[ping_id] = future
+        start = time.monotonic()
+        try:
+            await self._send({"type": HostMessage.PING, "id": ping_id})
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise WorkerTimeout(f"no pong within {timeout:g}s") from None
+        finally:
+            self._pings.pop(ping_id, None)
+        return time.monotonic() - start
+
+    async def _connected_or_raise(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            raise WorkerTimeout(f"worker did not connect within {timeout:g}s") from None
+        if self._gone is not None:
+            raise self._gone
+
+    async def shutdown(self) -> None:
+        """Ask the worker to exit (it cancels its task first); best effort, the runtime kills it anyway."""
+        with contextlib.suppress(WorkerError, ConnectionError):
+            await self._send({"type": HostMessage.SHUTDOWN})
+
+    async def close(self) -> None:
+        """Stop listening, drop the connection, and remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None and self._reader_task is not asyncio.current_task():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._reader_task, 2.0)
+        self._mark_gone("channel closed")
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
