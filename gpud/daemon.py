@@ -135,12 +135,8 @@ class Daemon:
             await self._serve(services, stack)
             self._install_signals(services.reloader)
             stack.callback(self._remove_signals)
-            background = [
-                asyncio.create_task(services.inventory.refresh_forever(self._settings.gpu_metrics_refresh_interval)),
-                asyncio.create_task(self._notifier.watchdog_forever()),
-                asyncio.create_task(services.tasks.janitor()),
-            ]
-            stack.push_async_callback(_cancel_all, background)
+            watchdog = asyncio.create_task(self._notifier.watchdog_forever())
+            stack.push_async_callback(_cancel_all, [watchdog])
             self._notifier.ready(_status_line(services))
             logger.info("gpud %s ready", __version__)
             await self._stop.wait()

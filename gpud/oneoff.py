@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from gpud.errors import GpudError
@@ -24,6 +25,15 @@ logger = logging.getLogger(__name__)
 TASK_INPUT_DIR = "/run/gpud-task"
 # How long a stopped worker gets between SIGTERM and SIGKILL.
 STOP_GRACE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a task ended, decided before its resources are released and task_finish is sent."""
+
+    status: TaskStatus
+    error: TaskError | None = None
+    exit_code: int | None = None
 
 
 def gpu_device(lease: Lease) -> GpuDevice:
@@ -63,26 +73,28 @@ class OneOffRunner:
         input_dir = self._work_dir / task.id
         stopper = asyncio.Event()
         task.cancel_hook = _cancel_hook(stopper)
+        outcome = Outcome(TaskStatus.FAILED, TaskError("internal_error", "the task ended unexpectedly"))
         try:
             task.emit(EventType.CONNECTION, status="gpu_allocated", gpu_id=lease.gpu.index)
-            await self._execute(task, lease, input_dir, stopper)
+            outcome = await self._execute(task, lease, input_dir, stopper)
         except GpudError as exc:
-            task.finish(TaskStatus.FAILED, error=TaskError(exc.code, exc.message))
+            outcome = Outcome(TaskStatus.FAILED, TaskError(exc.code, exc.message))
         except asyncio.CancelledError:
-            task.finish(TaskStatus.CANCELLED, error=TaskError("shutdown", "gpud is shutting down"))
+            outcome = Outcome(TaskStatus.CANCELLED, cancel_error("shutdown"))
             raise
         except Exception as exc:
             logger.exception("one-off task %s failed unexpectedly", task.id)
-            task.finish(TaskStatus.FAILED, error=TaskError("internal_error", f"internal error: {exc}"))
+            outcome = Outcome(TaskStatus.FAILED, TaskError("internal_error", f"internal error: {exc}"))
         finally:
+            # GPU and container are released before task_finish, so a client may submit again at once.
             await self._cleanup(task, lease, input_dir)
+            task.finish(outcome.status, error=outcome.error, exit_code=outcome.exit_code)
 
-    async def _execute(self, task: Task, lease: Lease, input_dir: Path, stopper: asyncio.Event) -> None:
+    async def _execute(self, task: Task, lease: Lease, input_dir: Path, stopper: asyncio.Event) -> Outcome:
         model_dir = await self._store.ensure(task.request.model_id, model_progress(task), holder=task.id)
         await self._runtime.ensure_image(task.preset.image, image_progress(task))
         if stopper.is_set():
-            task.finish(TaskStatus.CANCELLED, error=_cancel_error(task))
-            return
+            return Outcome(TaskStatus.CANCELLED, _cancel_error(task))
         payload = json.dumps(dict(task.request.metadata))
         await asyncio.get_running_loop().run_in_executor(None, _write_input, input_dir, payload)
         spec = build_spec(
@@ -98,9 +110,9 @@ class OneOffRunner:
         task.emit(EventType.WORKER, status="created", container_id=task.container_id)
         task.mark_running()
         task.emit(EventType.WORKER, status="working", container_id=task.container_id)
-        await self._supervise(task, stopper)
+        return await self._supervise(task, stopper)
 
-    async def _supervise(self, task: Task, stopper: asyncio.Event) -> None:
+    async def _supervise(self, task: Task, stopper: asyncio.Event) -> Outcome:
         """Pump output while waiting for exit, the timeout, or a cancel; then finish the task."""
         assert task.container_id is not None
         tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
@@ -118,10 +130,9 @@ class OneOffRunner:
                 # Output already written still reaches the stream before task_finish.
                 await asyncio.wait_for(pump, timeout=5.0)
                 error = _cancel_error(task) if stopper.is_set() else _timeout_error(task)
-                task.finish(status, error=error)
-                return
+                return Outcome(status, error)
             await asyncio.wait_for(pump, timeout=10.0)
-            _finish_from_exit(task, waiter.result(), tail)
+            return _outcome_of_exit(task, waiter.result(), tail)
         finally:
             for pending in (pump, waiter, stop_wait):
                 pending.cancel()
@@ -173,10 +184,9 @@ def _timeout_error(task: Task) -> TaskError:
     return TaskError("timeout", f"task ran past its timeout of {task.request.timeout_seconds:g}s")
 
 
-def _finish_from_exit(task: Task, status: ExitStatus, tail: collections.deque[str]) -> None:
+def _outcome_of_exit(task: Task, status: ExitStatus, tail: collections.deque[str]) -> Outcome:
     if status.exit_code == 0 and not status.oom_killed:
-        task.finish(TaskStatus.COMPLETED, exit_code=0)
-        return
+        return Outcome(TaskStatus.COMPLETED, exit_code=0)
     if status.oom_killed:
         message = f"worker ran out of memory (limit {task.preset.limits.memory_bytes} bytes) and was killed"
         code = "out_of_memory"
@@ -185,4 +195,4 @@ def _finish_from_exit(task: Task, status: ExitStatus, tail: collections.deque[st
         code = "worker_failed"
     if tail:
         message += "; last log lines:\n" + "\n".join(tail)
-    task.finish(TaskStatus.FAILED, error=TaskError(code, message), exit_code=status.exit_code)
+    return Outcome(TaskStatus.FAILED, TaskError(code, message), status.exit_code)

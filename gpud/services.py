@@ -44,6 +44,7 @@ class Services:
     reloader: Reloader | None = None
     started_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     def uptime(self) -> float:
         """Seconds since the daemon started."""
@@ -54,9 +55,16 @@ class Services:
         state_dir = self.settings.state_dir
         await asyncio.get_running_loop().run_in_executor(None, _prepare_state_dir, state_dir)
         await self.models.start()
+        self.background = [
+            asyncio.create_task(self.inventory.refresh_forever(self.settings.gpu_metrics_refresh_interval)),
+            asyncio.create_task(self.tasks.janitor()),
+        ]
 
     async def close(self) -> None:
         """End tasks and sessions, then release the engine client, the model store and NVML."""
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         await self.tasks.shutdown()
         await self.models.close()
         await self.runtime.close()

@@ -120,18 +120,18 @@ class SessionManager:
 
     async def _life(self, session: Session, first: Task) -> None:
         worker: SessionWorker | None = None
+        crash: WorkerCrashed | None = None
         try:
             worker = await self._start(session, first)
             while (task := await self._next_task(session, worker)) is not None:
                 worker = await self._run(session, worker, task)
-            self._end(session, SessionState.STOPPED, session.stop_reason or "stopped")
-        except WorkerCrashed as crash:
-            self._fail(session, crash)
+        except WorkerCrashed as exc:
+            crash = exc
         except Exception as exc:
             logger.exception("session %s failed unexpectedly", session.id)
-            self._fail(session, WorkerCrashed(f"internal error: {exc}", None, []))
+            crash = WorkerCrashed(f"internal error: {exc}", None, [])
         finally:
-            await self._teardown(session, worker)
+            await self._teardown(session, worker, crash)
 
     async def _start(self, session: Session, first: Task) -> SessionWorker:
         """Fetch the model and image, start the worker, wait for ready, then tell the first task."""
@@ -215,8 +215,7 @@ class SessionManager:
             return await self._restart(session, worker, task)
         if outcome == "crashed":
             crash = await worker.crash("worker crashed while running a task")
-            exit_code = crash.status.exit_code if crash.status else None
-            task.finish(TaskStatus.FAILED, error=TaskError("worker_crashed", crash.describe()), exit_code=exit_code)
+            crash.task = task
             raise crash
         session.move(SessionState.READY)
         return worker
@@ -264,7 +263,9 @@ class SessionManager:
             elif event.type == "text":
                 task.output = [str(data.get("text", ""))]
             elif event.type == "log":
-                task.emit(EventType.LOGS, stream=str(data.get("stream", "worker")), line=str(data.get("line", "")))
+                line = str(data.get("line", ""))
+                worker.tail.append(line)  # quoted if the worker crashes, like its container output
+                task.emit(EventType.LOGS, stream=str(data.get("stream", "worker")), line=line)
             elif event.type == "progress":
                 task.emit(EventType.PROGRESS, **{k: v for k, v in data.items() if k != "task_id"})
             elif event.type == "result":
@@ -289,44 +290,40 @@ class SessionManager:
 
     # --- endings ---------------------------------------------------------------------------------------
 
-    def _end(self, session: Session, state: SessionState, reason: str) -> None:
-        if session.ended:
-            return
-        if session.state is not SessionState.STOPPING and state is SessionState.STOPPED:
+    async def _teardown(self, session: Session, worker: SessionWorker | None, crash: WorkerCrashed | None) -> None:
+        """Stop the container and release model and GPU first, then finish the session's tasks."""
+        if crash is None and session.state is not SessionState.STOPPING and not session.ended:
             session.move(SessionState.STOPPING)
-        session.end_reason = reason
-        session.drop_queued(TaskStatus.CANCELLED, _stop_error(reason))
-        if state is SessionState.STOPPED:
+        worker = worker or self._workers.pop(session.id, None)
+        self._workers.pop(session.id, None)
+        if worker is not None:
+            await worker.stop()
+        self._store.release(session.preset.model_id, session.id)
+        self._scheduler.release(session.lease)
+        if crash is not None:
+            self._fail(session, crash)
+        else:
+            reason = session.stop_reason or "stopped"
+            session.end_reason = reason
+            for task in [session.current, *session.queue]:
+                if task is not None:
+                    task.finish(TaskStatus.CANCELLED, error=_stop_error(reason))
+            session.queue.clear()
             session.move(SessionState.STOPPED)
+        self._lives.pop(session.id, None)
+        self._wakeups.pop(session.id, None)
 
     def _fail(self, session: Session, crash: WorkerCrashed) -> None:
         message = crash.describe()
         logger.warning("session %s failed: %s", session.id, message)
         exit_code = crash.status.exit_code if crash.status else None
-        if session.current is not None:
-            session.current.finish(TaskStatus.FAILED, error=TaskError("worker_crashed", message), exit_code=exit_code)
+        for task in (crash.task, session.current):
+            if task is not None:
+                task.finish(TaskStatus.FAILED, error=TaskError("worker_crashed", message), exit_code=exit_code)
         session.end_reason = "worker_crashed"
         session.drop_queued(TaskStatus.FAILED, TaskError("session_failed", f"the session's worker failed: {message}"))
         if not session.ended:
             session.move(SessionState.FAILED)
-
-    async def _teardown(self, session: Session, worker: SessionWorker | None) -> None:
-        """Stop the container, release model and GPU; finish anything left. Runs in every outcome."""
-        if session.stop_reason and not session.ended:
-            self._end(session, SessionState.STOPPED, session.stop_reason)
-        worker = worker or self._workers.get(session.id)
-        if worker is not None:
-            await worker.stop()
-        self._workers.pop(session.id, None)
-        self._store.release(session.preset.model_id, session.id)
-        self._scheduler.release(session.lease)
-        for task in [session.current, *session.queue]:
-            if task is not None:
-                task.finish(TaskStatus.CANCELLED, error=_stop_error(session.end_reason or "stopped"))
-        if not session.ended:
-            session.move(SessionState.FAILED)
-        self._lives.pop(session.id, None)
-        self._wakeups.pop(session.id, None)
 
     # --- helpers ---------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from gpud.presets import Preset
 from gpud.runtime.base import ContainerNotFound, ContainerRuntime, ExitStatus, LogLine, Mount
 from gpud.runtime.spec import build_spec
 from gpud.scheduler import Lease
-from gpud.tasks import ERROR_TAIL_LINES
+from gpud.tasks import ERROR_TAIL_LINES, Task
 from gpud.worker.channel import ReadyInfo, WorkerChannel, WorkerError
 from gpud.worker.protocol import SOCKET_NAME
 
@@ -48,6 +48,7 @@ class WorkerCrashed(Exception):
         super().__init__(message)
         self.status = status
         self.tail = tail
+        self.task: Task | None = None  # the task that was running, if any
 
     def describe(self) -> str:
         """A message for the task's error: what happened, the exit code, the last log lines."""
