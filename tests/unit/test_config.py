@@ -189,3 +189,14 @@ def test_check_config_catches_unreadable_presets_and_preset_without_image(tmp_pa
     result = run_check_config(env={"GPUD_PRESETS_FILE": str(bad)})
     assert result.returncode == 2
     assert "models.m1.p1" in result.stderr and "docker_image is required" in result.stderr
+
+
+def test_shipped_example_configuration_is_valid() -> None:
+    environ = {"GPUD_PRESETS_FILE": str(REPO / "etc" / "gpud" / "models.yaml")}
+    result = run_check_config("--config", str(REPO / "etc" / "gpud" / "gpud.yaml"), env=environ)
+    assert result.returncode == 0, result.stderr
+
+
+def test_dev_mode_allows_the_example_image() -> None:
+    s = config.load(None, environ={}, dev=True)
+    assert "gpud-worker-python:*" in s.allowed_docker_images

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian machine for gpud development: the engines and tools from apt (only what is missing),
+# and a virtual environment in .venv with gpud installed editable plus its dev tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+APT_PACKAGES=(podman runc docker.io mmdebstrap curl util-linux procps)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}" >&2
+  if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PYTHON="${PYTHON:-python3}"
+if [[ ! -x .venv/bin/python ]]; then
+  "$PYTHON" -m venv .venv
+fi
+# Reinstall only when packaging inputs changed since the last install.
+stamp=.venv/.gpud-installed
+want="$(sha256sum setup.py pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  echo "$want" >"$stamp"
+fi
