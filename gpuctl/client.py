@@ -1,0 +1,317 @@
+"""HTTP over gpud's admin Unix socket with the standard library only (fast startup), plus SSE with resume.
+
+Everything here is synchronous: a CLI does one thing at a time, and http.client over AF_UNIX starts in a few
+milliseconds where aiohttp would cost a large import.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import json
+import os
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_SOCKET = "/run/gpud/gpud.sock"
+# Requests that do real work on the daemon (model fetch, kill) may take long; plain reads are quick.
+DEFAULT_TIMEOUT = 60.0
+# How often a broken event stream is re-opened (with Last-Event-ID) before gpuctl gives up.
+RESUME_ATTEMPTS = 5
+RESUME_BACKOFF = 0.2
+
+
+@dataclass(frozen=True)
+class SocketChoice:
+    """Which admin socket gpuctl talks to, and why (flag, environment, default, or dev fallback)."""
+
+    path: str
+    source: str
+
+
+def dev_socket(environ: Mapping[str, str]) -> str:
+    """Where `gpud run --dev` puts its admin socket for the current user."""
+    runtime_dir = environ.get("XDG_RUNTIME_DIR") or f"/tmp/gpud-{os.getuid()}"
+    return os.path.join(runtime_dir, "gpud", "gpud.sock")
+
+
+def resolve_socket(flag: str | None, environ: Mapping[str, str]) -> SocketChoice:
+    """--socket, else GPUD_SOCKET, else the default; the dev socket only when the default is absent and it exists."""
+    if flag:
+        return SocketChoice(flag, "--socket")
+    if environ.get("GPUD_SOCKET"):
+        return SocketChoice(environ["GPUD_SOCKET"], "GPUD_SOCKET")
+    if not os.path.exists(DEFAULT_SOCKET):
+        dev = dev_socket(environ)
+        if os.path.exists(dev):
+            return SocketChoice(dev, "dev")
+    return SocketChoice(DEFAULT_SOCKET, "default")
+
+
+class ClientError(Exception):
+    """Base of everything gpuctl's client raises."""
+
+
+class Unreachable(ClientError):
+    """The socket cannot be used: gpud is not running there, or this user may not connect."""
+
+    def __init__(self, path: str, reason: str, *, permission: bool = False) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.permission = permission
+
+
+class ApiError(ClientError):
+    """The daemon answered with an error body `{"error": {"code", "message"}}`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class StreamLost(ClientError):
+    """An event stream broke and could not be resumed."""
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    """One server-sent event: its id, type, and JSON data."""
+
+    id: int | None
+    event: str
+    data: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable `-o json` shape of one event."""
+        return {"id": self.id, "event": self.event, "data": self.data}
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket."""
+
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        """Connect to the Unix socket instead of TCP, turning connect errors into Unreachable."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError as exc:
+            sock.close()
+            raise _unreachable(self._path, exc) from None
+        self.sock = sock
+
+
+def _unreachable(path: str, exc: OSError) -> Unreachable:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return Unreachable(path, "permission denied", permission=True)
+    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
+        return Unreachable(path, "no daemon is listening here")
+    return Unreachable(path, exc.strerror or str(exc))
+
+
+def parse_sse(lines: Iterable[bytes]) -> Iterator[SseEvent]:
+    """Events from raw SSE lines (comments and unknown fields ignored); yields each as soon as its blank line arrives."""
+    fields: dict[str, str] = {}
+    data: list[str] = []
+    for raw in lines:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield _event(fields, data)
+            fields, data = {}, []
+            continue
+        if line.startswith(":"):
+            continue  # heartbeat comment
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            data.append(value)
+        else:
+            fields[name] = value
+
+
+def _event(fields: Mapping[str, str], data: list[str]) -> SseEvent:
+    raw_id = fields.get("id", "")
+    try:
+        payload = json.loads("\n".join(data))
+    except ValueError:
+        payload = {"raw": "\n".join(data)}
+    return SseEvent(
+        id=int(raw_id) if raw_id.isdigit() else None,
+        event=fields.get("event", "message"),
+        data=payload if isinstance(payload, dict) else {"value": payload},
+    )
+
+
+def _lines(response: http.client.HTTPResponse) -> Iterator[bytes]:
+    """Lines as they arrive (readline returns as soon as one is complete, also with chunked encoding)."""
+    while True:
+        line = response.readline()
+        if not line:
+            return
+        yield line
+
+
+class Client:
+    """The admin API of one gpud, over its Unix socket."""
+
+    def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        accept: tuple[int, ...] = (),
+        timeout: float | None | str = "default",
+    ) -> Any:
+        """One JSON request; returns the parsed body (None for 204). Error statuses not in `accept` raise ApiError."""
+        response, conn = self._send(method, path, body, {}, self.timeout if timeout == "default" else timeout)
+        try:
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unreachable(self.socket_path, f"connection broke: {exc}") from None
+        finally:
+            conn.close()
+        if response.status >= 400 and response.status not in accept:
+            raise _api_error(response.status, raw)
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw.decode("utf-8", errors="replace")
+
+    def get(self, path: str, **query: Any) -> Any:
+        """GET a JSON route."""
+        return self.request("GET", _with_query(path, query))
+
+    def post(self, path: str, body: Any = None, *, timeout: float | None | str = "default") -> Any:
+        """POST to a JSON route."""
+        return self.request("POST", path, body, timeout=timeout)
+
+    def delete(self, path: str) -> Any:
+        """DELETE a resource."""
+        return self.request("DELETE", path)
+
+    def stream(
+        self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None
+    ) -> http.client.HTTPResponse:
+        """Open a streaming response (no read timeout: streams may idle between heartbeats); errors raise ApiError."""
+        response, conn = self._send(method, path, body, dict(headers or {}), None)
+        if response.status >= 400:
+            try:
+                raw = response.read()
+            finally:
+                conn.close()
+            raise _api_error(response.status, raw)
+        return response
+
+    def submit(self, body: Mapping[str, Any]) -> Iterator[SseEvent]:
+        """Submit a task and yield its events until task_finish, resuming the stream if it breaks."""
+        return self._follow(lambda: self.stream("POST", "/api/tasks/submit", body), None, 0)
+
+    def events(self, task_id: str, after_id: int = 0) -> Iterator[SseEvent]:
+        """A task's events after `after_id` until task_finish (replayed, then live), resuming if the stream breaks."""
+        quoted = urllib.parse.quote(task_id, safe="")
+        return self._follow(lambda: self._events_stream(quoted, after_id), quoted, after_id)
+
+    def log_lines(self, session_id: str, *, follow: bool, tail: int | None) -> Iterator[dict[str, Any]]:
+        """A session worker's log lines as {stream, line}; with follow, until the worker ends."""
+        query: dict[str, Any] = {"format": "ndjson", "follow": "1" if follow else "0", "tail": tail}
+        path = _with_query(f"/api/sessions/{urllib.parse.quote(session_id, safe='')}/logs", query)
+        response = self.stream("GET", path)
+        try:
+            for raw in _lines(response):
+                if raw.strip():
+                    yield json.loads(raw)
+        except (OSError, http.client.HTTPException) as exc:
+            raise StreamLost(f"the log stream broke: {exc}") from None
+        finally:
+            response.close()
+
+    def _events_stream(self, quoted_id: str, after_id: int) -> http.client.HTTPResponse:
+        return self.stream("GET", f"/api/tasks/{quoted_id}/events", headers={"Last-Event-ID": str(after_id)})
+
+    def _follow(
+        self, open_first: Callable[[], http.client.HTTPResponse], task_id: str | None, after_id: int
+    ) -> Iterator[SseEvent]:
+        """Yield events; when the stream ends early, re-open /events with Last-Event-ID so nothing repeats or is lost."""
+        last_id, failures = after_id, 0
+        response: http.client.HTTPResponse | None = open_first()
+        while True:
+            if response is not None:
+                try:
+                    for event in parse_sse(_lines(response)):
+                        if event.id is not None:
+                            last_id, failures = event.id, 0
+                        task_id = task_id or _task_id(event)
+                        yield event
+                        if event.event == "task_finish":
+                            return
+                except (OSError, http.client.HTTPException):
+                    pass  # the connection broke: resume below
+                finally:
+                    response.close()
+            failures += 1
+            if task_id is None or failures > RESUME_ATTEMPTS:
+                raise StreamLost(f"the event stream ended before task_finish (last event id {last_id})")
+            time.sleep(RESUME_BACKOFF * failures)
+            try:
+                response = self._events_stream(task_id, last_id)
+            except Unreachable:
+                response = None  # the daemon may be restarting: try again
+
+    def _send(
+        self, method: str, path: str, body: Any, headers: dict[str, str], timeout: float | None
+    ) -> tuple[http.client.HTTPResponse, UnixHTTPConnection]:
+        conn = UnixHTTPConnection(self.socket_path, timeout)
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+            return conn.getresponse(), conn
+        except Unreachable:
+            conn.close()
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
+                raise _unreachable(self.socket_path, exc) from None
+            raise Unreachable(self.socket_path, f"connection broke: {exc}") from None
+
+
+def _task_id(event: SseEvent) -> str | None:
+    value = event.data.get("task_id")
+    return urllib.parse.quote(value, safe="") if isinstance(value, str) and value else None
+
+
+def _with_query(path: str, query: Mapping[str, Any]) -> str:
+    present = {key: value for key, value in query.items() if value is not None}
+    return f"{path}?{urllib.parse.urlencode(present)}" if present else path
+
+
+def _api_error(status: int, raw: bytes) -> ApiError:
+    """The daemon's error body, or a generic one for anything that is not gpud's shape."""
+    try:
+        error = json.loads(raw)["error"]
+        return ApiError(status, str(error["code"]), str(error["message"]))
+    except (ValueError, KeyError, TypeError):
+        text = raw.decode("utf-8", errors="replace").strip()[:200]
+        return ApiError(status, f"http_{status}", text or http.client.responses.get(status, "error"))

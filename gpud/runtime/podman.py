@@ -1,0 +1,311 @@
+"""Podman runtime: podman-py against the libpod API socket (never the podman CLI).
+
+podman-py is synchronous (requests), so every call runs in a bounded thread pool and the event loop stays
+free: short calls share `max_workers` threads; calls that block for a container's lifetime (log follow, wait,
+stop with grace) use a separate pool of `max_streams` threads so they cannot starve the short ones.
+Containers are created from a libpod SpecGenerator built by the pure `podman_create_payload`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import requests
+from podman import PodmanClient
+from podman.api.client import APIResponse
+from podman.errors import APIError
+
+from gpud.runtime.base import (
+    CPU_PERIOD_US,
+    Capability,
+    ContainerFailed,
+    ContainerInfo,
+    ContainerNotFound,
+    ContainerSpec,
+    ContainerState,
+    EngineHealth,
+    EngineUnavailable,
+    ExitStatus,
+    ImageUnavailable,
+    LogLine,
+    ProgressCallback,
+    parse_timestamp,
+)
+from gpud.runtime.images import ImageEnsurer
+from gpud.runtime.threadlogs import stream_in_thread
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/run/podman/podman.sock"
+CGROUP2_MARKER = "/sys/fs/cgroup/cgroup.controllers"  # present only on a unified (v2) hierarchy
+_T = TypeVar("_T")
+_SHORT = (5.0, 60.0)
+# libpod's wait polls the container state; its default 250 ms would add up to that much to every exit.
+WAIT_POLL = "20ms"  # (connect, read) seconds for calls that should answer promptly
+
+
+def podman_create_payload(spec: ContainerSpec) -> dict[str, Any]:
+    """The libpod SpecGenerator for a spec: hardening, limits, mounts, labels, GPU (CDI)."""
+    limits = spec.limits
+    mounts: list[dict[str, Any]] = [
+        {
+            "destination": spec.tmpfs_path,
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["rw", "nosuid", "nodev", f"size={limits.tmpfs_bytes}", "mode=1777"],
+        }
+    ]
+    for m in spec.mounts:
+        mounts.append(
+            {
+                "destination": m.target,
+                "type": "bind",
+                "source": m.source,
+                "options": ["rbind", "ro" if m.read_only else "rw"],
+            }
+        )
+    payload: dict[str, Any] = {
+        "image": spec.image,
+        "env": dict(spec.env),
+        "labels": dict(spec.labels),
+        "user": spec.user,
+        "cap_drop": list(spec.cap_drop),
+        "no_new_privileges": spec.no_new_privileges,
+        "read_only_filesystem": spec.read_only_rootfs,
+        "mounts": mounts,
+        "resource_limits": {
+            # swap is memory+swap, as with docker's --memory-swap: equal to memory means no extra swap.
+            "memory": {"limit": limits.memory_bytes, "swap": limits.memory_bytes},
+            "cpu": {"quota": spec.cpu_quota_us, "period": CPU_PERIOD_US},
+            "pids": {"limit": limits.pids},
+        },
+        "shm_size": limits.shm_bytes,
+        "stop_timeout": math.ceil(spec.stop_grace_seconds),
+    }
+    if spec.network_none:
+        payload["netns"] = {"nsmode": "none"}
+    if spec.name:
+        payload["name"] = spec.name
+    if spec.command:
+        payload["command"] = list(spec.command)
+    if spec.workdir:
+        payload["work_dir"] = spec.workdir
+    if spec.gpu is not None and spec.gpu.attach:
+        payload["devices"] = [{"path": f"nvidia.com/gpu={spec.gpu.uuid}"}]
+    return payload
+
+
+def _message(resp: APIResponse) -> str:
+    """The engine's error message from a libpod error body."""
+    try:
+        body = resp.json()
+        return str(body.get("message") or body.get("cause") or body)
+    except ValueError:
+        return resp.text.strip() or f"HTTP {resp.status_code}"
+
+
+def container_info(data: Mapping[str, Any]) -> ContainerInfo:
+    """ContainerInfo from a libpod list entry or inspect document."""
+    state = data.get("State")
+    names = data.get("Names") or [data.get("Name", "")]
+    if isinstance(state, dict):  # inspect
+        status = ContainerState.parse(str(state.get("Status", "")))
+        exit_code = state.get("ExitCode")
+        oom = bool(state.get("OOMKilled"))
+        labels = (data.get("Config") or {}).get("Labels") or {}
+        image = data.get("ImageName") or data.get("Image", "")
+    else:  # list
+        status = ContainerState.parse(str(state or ""))
+        exit_code = data.get("ExitCode")
+        oom = False
+        labels = data.get("Labels") or {}
+        image = data.get("Image", "")
+    return ContainerInfo(
+        id=str(data.get("Id", "")),
+        name=str(names[0]).lstrip("/"),
+        image=str(image),
+        state=status,
+        labels=dict(labels),
+        created=parse_timestamp(data.get("Created", 0)),
+        exit_code=None if status is not ContainerState.EXITED else int(exit_code or 0),
+        oom_killed=oom,
+    )
+
+
+class PodmanRuntime:
+    """Runs workers as Podman containers through the libpod API."""
+
+    name = "podman"
+    isolated = True
+
+    def __init__(self, socket: str | None = None, *, max_workers: int = 8, max_streams: int = 64) -> None:
+        self.socket = socket or DEFAULT_SOCKET
+        self.capabilities = frozenset(Capability)
+        if not os.path.exists(CGROUP2_MARKER):
+            # On cgroup v1, Debian's podman 4.3 + conmon 2.1.6 enforce the limit but never report the kill:
+            # conmon sees the OOM event yet writes its `oom` marker into its working directory (no
+            # --persist-dir is passed), not where podman looks, so inspect says OOMKilled=false.
+            self.capabilities -= {Capability.OOM_REPORT}
+        # No client-wide timeout: follow/wait must block as long as the container runs; short calls pass _SHORT.
+        self._client = PodmanClient(base_url=f"unix://{self.socket}")
+        self._ops = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="podman-op")
+        self._streams = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="podman-stream")
+        self._images = ImageEnsurer(self._image_present, self._pull)
+
+    async def _in(self, pool: ThreadPoolExecutor, fn: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> APIResponse:
+        """One libpod call (in a worker thread); connection failures become EngineUnavailable."""
+        kwargs.setdefault("timeout", _SHORT)
+        try:
+            return self._client.api._request(method, path, **kwargs)
+        except (APIError, requests.RequestException, OSError) as exc:
+            raise EngineUnavailable(f"podman is not reachable at {self.socket}: {exc}") from exc
+
+    async def _call(self, method: str, path: str, *, long: bool = False, **kwargs: Any) -> APIResponse:
+        pool = self._streams if long else self._ops
+        return await self._in(pool, lambda: self._request(method, path, **kwargs))
+
+    async def ensure_image(self, image: str, progress: ProgressCallback | None = None) -> None:
+        """Pull the image once if missing (no registry here: a missing image fails naming how to build it)."""
+        await self._images.ensure(image, progress)
+
+    async def _image_present(self, image: str) -> bool:
+        resp = await self._call("GET", f"/images/{image}/exists")
+        return resp.status_code == 204
+
+    async def _pull(self, image: str, progress: ProgressCallback) -> None:
+        resp = await self._call("POST", "/images/pull", long=True, params={"reference": image}, stream=True)
+        if resp.status_code >= 400:
+            raise ImageUnavailable.for_image(image, "podman", _message(resp))
+        lines = await self._in(self._streams, lambda: [json.loads(x) for x in resp.iter_lines() if x])
+        for line in lines:
+            if line.get("error"):
+                raise ImageUnavailable.for_image(image, "podman", str(line["error"]).strip())
+            if line.get("stream"):
+                result = progress(str(line["stream"]).strip())
+                if result is not None:
+                    await result
+
+    async def run(self, spec: ContainerSpec) -> str:
+        """Create and start; a container that fails to start is removed again."""
+        body = json.dumps(podman_create_payload(spec))
+        resp = await self._call("POST", "/containers/create", data=body, headers={"content-type": "application/json"})
+        if resp.status_code == 404:
+            raise ImageUnavailable.for_image(spec.image, "podman", _message(resp))
+        if resp.status_code >= 400:
+            raise ContainerFailed(f"podman could not create the container: {_message(resp)}")
+        container_id = str(resp.json()["Id"])
+        started = await self._call("POST", f"/containers/{container_id}/start")
+        if started.status_code >= 400:
+            await self.remove(container_id)
+            raise ContainerFailed(f"podman could not start the container: {_message(started)}")
+        logger.debug("podman started %s (%s)", container_id[:12], spec.name)
+        return container_id
+
+    def logs(self, container_id: str, follow: bool = True) -> AsyncIterator[LogLine]:
+        """Lines from the multiplexed libpod log stream, stdout and stderr kept apart."""
+        params = {"stdout": True, "stderr": True, "follow": follow}
+
+        def open_stream() -> APIResponse:
+            path = f"/containers/{container_id}/logs"
+            resp = self._request("GET", path, params=params, stream=True, timeout=(5.0, None))
+            if resp.status_code == 404:
+                raise ContainerNotFound(f"no container {container_id}")
+            if resp.status_code >= 400:
+                raise ContainerFailed(f"podman could not read logs: {_message(resp)}")
+            return resp
+
+        return stream_in_thread(self._streams, open_stream)
+
+    async def wait(self, container_id: str) -> ExitStatus:
+        """Block (in the stream pool) until the container stops, then read exit code and OOM from inspect."""
+        resp = await self._call(
+            "POST",
+            f"/containers/{container_id}/wait",
+            long=True,
+            params={"condition": ["stopped", "exited"], "interval": WAIT_POLL},
+            timeout=(5.0, None),
+        )
+        self._raise_for(resp, container_id)
+        info = await self._inspect_raw(container_id)
+        state = info.get("State") or {}
+        return ExitStatus(
+            exit_code=int(state.get("ExitCode", -1)),
+            oom_killed=bool(state.get("OOMKilled")),
+            error=str(state.get("Error") or ""),
+        )
+
+    async def stop(self, container_id: str, grace_seconds: float) -> None:
+        """libpod stop: SIGTERM, SIGKILL after the grace period; 304 (already stopped) is fine."""
+        grace = math.ceil(grace_seconds)
+        resp = await self._call(
+            "POST",
+            f"/containers/{container_id}/stop",
+            long=True,
+            params={"timeout": grace},
+            timeout=(5.0, grace + 60.0),
+        )
+        self._raise_for(resp, container_id)
+
+    async def remove(self, container_id: str) -> None:
+        """Force-remove with anonymous volumes; gone already is fine."""
+        # timeout=0: kill at once; without it libpod first waits out the container's stop timeout.
+        params = {"force": True, "v": True, "timeout": 0}
+        for attempt in range(3):
+            resp = await self._call("DELETE", f"/containers/{container_id}", params=params)
+            if resp.status_code == 404:
+                return
+            # A container exiting just as it is removed makes libpod 4.3 fail the kill ("state improper");
+            # it is stopped then, so the next try removes it.
+            if resp.status_code < 400 or "state improper" not in _message(resp) or attempt == 2:
+                break
+            await asyncio.sleep(0.1)
+        self._raise_for(resp, container_id)
+
+    async def inspect(self, container_id: str) -> ContainerInfo:
+        """Current info from libpod inspect."""
+        return container_info(await self._inspect_raw(container_id))
+
+    async def _inspect_raw(self, container_id: str) -> dict[str, Any]:
+        resp = await self._call("GET", f"/containers/{container_id}/json")
+        self._raise_for(resp, container_id)
+        return dict(resp.json())
+
+    async def list(self, labels: Mapping[str, str]) -> list[ContainerInfo]:
+        """All containers carrying every label."""
+        filters = json.dumps({"label": [f"{k}={v}" for k, v in labels.items()]})
+        resp = await self._call("GET", "/containers/json", params={"all": True, "filters": filters})
+        self._raise_for(resp, "")
+        return [container_info(entry) for entry in resp.json() or []]
+
+    async def health(self) -> EngineHealth:
+        """Ping and version; never raises."""
+        try:
+            resp = await self._call("GET", "/version", timeout=(2.0, 5.0))
+            self._raise_for(resp, "")
+            version = str(resp.json().get("Version", ""))
+        except Exception as exc:
+            return EngineHealth(runtime=self.name, ok=False, isolated=True, detail=str(exc))
+        return EngineHealth(runtime=self.name, ok=True, isolated=True, version=version, detail=self.socket)
+
+    async def close(self) -> None:
+        """Close the HTTP session and the thread pools (containers keep running)."""
+        self._client.close()
+        self._ops.shutdown(wait=False, cancel_futures=True)
+        self._streams.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _raise_for(resp: APIResponse, container_id: str) -> None:
+        if resp.status_code == 404 and container_id:
+            raise ContainerNotFound(f"no container {container_id}")
+        if resp.status_code >= 400:
+            raise ContainerFailed(f"podman: {_message(resp)}")

@@ -1,0 +1,293 @@
+"""Process runtime: the preset's command as a local subprocess, for development machines without an engine.
+
+Like Nomad's raw_exec it gives NO container isolation (`isolated = False`, and /health says so); it must be
+chosen explicitly. It keeps the environment contract: the same GPUD_* and GPU variables, with container paths
+(MODEL_PATH=/models, mount targets, /tmp) rewritten to the host paths they are bound from. The image is not
+used. What it does enforce, cheaply and honestly, is listed in `capabilities`:
+
+- no network (`unshare --net`), when running as root and unshare works here;
+- a non-root user (uid/gid from the spec, 65534 by default) when running as root;
+- a private TMPDIR, a new session (the whole process group is signalled), nofile/core rlimits (prlimit).
+
+Memory, pids, read-only root and read-only /models are not enforced, so those capabilities are absent and
+the contract tests skip them with that reason. Processes do not outlive the runtime object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+from gpud.runtime.base import (
+    Capability,
+    ContainerFailed,
+    ContainerInfo,
+    ContainerNotFound,
+    ContainerSpec,
+    ContainerState,
+    EngineHealth,
+    ExitStatus,
+    LogLine,
+    ProgressCallback,
+    Stream,
+)
+from gpud.runtime.logsplit import LineSplitter
+
+logger = logging.getLogger(__name__)
+
+_KEEP_LINES = 10_000  # output kept per process for late readers; older lines are dropped
+
+
+def host_path(value: str, path_map: Mapping[str, str]) -> str:
+    """Rewrite a container path (e.g. /models/x) to the host path it is bound from; others unchanged."""
+    for target in sorted(path_map, key=len, reverse=True):
+        if value == target or value.startswith(target.rstrip("/") + "/"):
+            return path_map[target] + value[len(target) :]
+    return value
+
+
+def _probe_unshare() -> bool:
+    """Whether `unshare --net` works here (root, and not forbidden by an outer sandbox)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    try:
+        return subprocess.run(["unshare", "--net", "true"], timeout=5, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@dataclass
+class _Proc:
+    id: str
+    spec: ContainerSpec
+    proc: asyncio.subprocess.Process
+    tmpdir: str
+    created: float
+    lines: list[LogLine] = field(default_factory=list)
+    dropped: int = 0  # lines trimmed from the front of `lines`
+    output_done: bool = False
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    pumps: list[asyncio.Task[None]] = field(default_factory=list)
+    reaper: asyncio.Task[None] | None = None
+
+    def has_news(self, position: int) -> bool:
+        """Whether a reader at absolute line `position` has something to read or the output has ended."""
+        return self.output_done or self.dropped + len(self.lines) > position
+
+    def state(self) -> ContainerState:
+        return ContainerState.RUNNING if self.proc.returncode is None else ContainerState.EXITED
+
+    def exit_code(self) -> int | None:
+        code = self.proc.returncode
+        return None if code is None else (128 - code if code < 0 else code)  # signal -> 128+N, as engines do
+
+
+class ProcessRuntime:
+    """Runs workers as local subprocesses; not isolated."""
+
+    name = "process"
+    isolated = False
+
+    def __init__(self, socket: str | None = None) -> None:
+        del socket  # accepted so every runtime is built the same way; there is no engine
+        self._procs: dict[str, _Proc] = {}
+        self._is_root = os.geteuid() == 0
+        self._unshare = _probe_unshare()
+        self._prlimit = shutil.which("prlimit")
+        caps: set[Capability] = set()
+        if self._unshare:
+            caps.add(Capability.NETWORK_NONE)
+            caps.add(Capability.NON_ROOT_USER)  # unshare --setuid drops to the spec's user
+        self.capabilities = frozenset(caps)
+
+    async def ensure_image(self, image: str, progress: ProgressCallback | None = None) -> None:
+        """Nothing to fetch: the process runtime runs the command on the host."""
+
+    def _argv(self, spec: ContainerSpec, path_map: Mapping[str, str]) -> list[str]:
+        argv = [host_path(arg, path_map) for arg in spec.command]
+        if self._unshare:
+            uid, _, gid = spec.user.partition(":")
+            drop = [] if uid in {"0", "root"} else ["--setuid", uid, "--setgid", gid or uid]
+            argv = ["unshare", "--net", *drop, "--", *argv]
+        if self._prlimit:
+            argv = [self._prlimit, "--nofile=1024:1024", "--core=0", "--", *argv]
+        return argv
+
+    def _env(self, spec: ContainerSpec, path_map: Mapping[str, str], tmpdir: str) -> dict[str, str]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "HOME": tmpdir,
+            "TMPDIR": tmpdir,
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.update({k: host_path(v, path_map) for k, v in spec.env.items()})
+        return env
+
+    async def run(self, spec: ContainerSpec) -> str:
+        """Start the command; ContainerFailed if it cannot start (no command, missing mount source ...)."""
+        if not spec.command:
+            raise ContainerFailed("the process runtime needs a preset command (it cannot run an image)")
+        if spec.name and any(p.spec.name == spec.name for p in self._procs.values()):
+            raise ContainerFailed(f"a process named {spec.name!r} already exists")
+        for mount in spec.mounts:
+            if not os.path.exists(mount.source):
+                raise ContainerFailed(f"mount source {mount.source} does not exist")
+        tmpdir = tempfile.mkdtemp(prefix="gpud-proc-")
+        if self._unshare and spec.user.split(":")[0] not in {"0", "root"}:
+            os.chmod(tmpdir, 0o1777)  # the dropped user must be able to write its TMPDIR
+        path_map = {m.target: m.source for m in spec.mounts} | {spec.tmpfs_path: tmpdir}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv(spec, path_map),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env(spec, path_map, tmpdir),
+                cwd=tmpdir,
+                start_new_session=True,  # its own process group, so stop/remove reach every child
+            )
+        except OSError as exc:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise ContainerFailed(f"could not start {spec.command[0]!r}: {exc}") from exc
+        record = _Proc(id=uuid.uuid4().hex, spec=spec, proc=proc, tmpdir=tmpdir, created=time.time())
+        assert proc.stdout is not None and proc.stderr is not None
+        splitter = LineSplitter()
+        record.pumps = [
+            asyncio.create_task(self._pump(record, splitter, Stream.STDOUT, proc.stdout)),
+            asyncio.create_task(self._pump(record, splitter, Stream.STDERR, proc.stderr)),
+        ]
+        record.reaper = asyncio.create_task(self._reap(record))
+        self._procs[record.id] = record
+        return record.id
+
+    async def _pump(self, record: _Proc, splitter: LineSplitter, stream: Stream, reader: asyncio.StreamReader) -> None:
+        while chunk := await reader.read(65536):
+            await self._append(record, splitter.feed(stream, chunk))
+        await self._append(record, splitter.flush(stream))
+        if all(t.done() for t in record.pumps if t is not asyncio.current_task()):
+            async with record.changed:
+                record.output_done = True
+                record.changed.notify_all()
+
+    async def _reap(self, record: _Proc) -> None:
+        """When the main process exits, kill what it left behind, as an engine does when pid 1 exits."""
+        await record.proc.wait()
+        self._signal(record, signal.SIGKILL)
+
+    @staticmethod
+    async def _append(record: _Proc, lines: list[LogLine]) -> None:
+        if not lines:
+            return
+        async with record.changed:
+            record.lines.extend(lines)
+            excess = len(record.lines) - _KEEP_LINES
+            if excess > 0:
+                del record.lines[:excess]
+                record.dropped += excess
+            record.changed.notify_all()
+
+    async def logs(self, container_id: str, follow: bool = True) -> AsyncIterator[LogLine]:
+        """Every kept line; with follow, until both output pipes close."""
+        record = self._get(container_id)
+        position = 0  # absolute line number
+        while True:
+            async with record.changed:
+                if follow:
+                    await record.changed.wait_for(functools.partial(record.has_news, position))
+                start = max(position, record.dropped)
+                batch = record.lines[start - record.dropped :]
+                done = record.output_done or not follow
+            for line in batch:
+                yield line
+            position = start + len(batch)
+            if done and not batch:
+                return
+
+    async def wait(self, container_id: str) -> ExitStatus:
+        """Wait for the process to exit (and its output to be read)."""
+        record = self._get(container_id)
+        await record.proc.wait()
+        await asyncio.gather(*record.pumps, return_exceptions=True)
+        code = record.exit_code()
+        return ExitStatus(exit_code=-1 if code is None else code)
+
+    async def stop(self, container_id: str, grace_seconds: float) -> None:
+        """SIGTERM the process group, SIGKILL it after the grace period."""
+        record = self._get(container_id)
+        self._signal(record, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(record.proc.wait(), timeout=grace_seconds)
+        except TimeoutError:
+            logger.info("process %s ignored SIGTERM for %.1fs; killing", container_id[:12], grace_seconds)
+        self._signal(record, signal.SIGKILL)  # also reaps children left behind by a clean exit
+        await record.proc.wait()
+
+    @staticmethod
+    def _signal(record: _Proc, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(record.proc.pid, sig)
+
+    async def remove(self, container_id: str) -> None:
+        """Kill if running, forget it, delete its TMPDIR; gone already is fine."""
+        record = self._procs.pop(container_id, None)
+        if record is None:
+            return
+        self._signal(record, signal.SIGKILL)
+        await record.proc.wait()
+        for task in record.pumps:
+            task.cancel()
+        shutil.rmtree(record.tmpdir, ignore_errors=True)
+
+    async def inspect(self, container_id: str) -> ContainerInfo:
+        """Current info."""
+        return self._info(self._get(container_id))
+
+    async def list(self, labels: Mapping[str, str]) -> list[ContainerInfo]:
+        """This runtime object's processes carrying every label."""
+        return [
+            self._info(r) for r in self._procs.values() if all(r.spec.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    async def health(self) -> EngineHealth:
+        """Always reachable; never isolated."""
+        return EngineHealth(
+            runtime=self.name,
+            ok=True,
+            isolated=False,
+            detail="process runtime: workers run on the host without container isolation",
+        )
+
+    async def close(self) -> None:
+        """Kill and forget every process (they do not outlive gpud)."""
+        for container_id in list(self._procs):
+            await self.remove(container_id)
+
+    def _get(self, container_id: str) -> _Proc:
+        record = self._procs.get(container_id)
+        if record is None:
+            raise ContainerNotFound(f"no process {container_id}")
+        return record
+
+    @staticmethod
+    def _info(record: _Proc) -> ContainerInfo:
+        return ContainerInfo(
+            id=record.id,
+            name=record.spec.name or record.id,
+            image=record.spec.image,
+            state=record.state(),
+            labels=dict(record.spec.labels),
+            created=record.created,
+            exit_code=record.exit_code(),
+        )
