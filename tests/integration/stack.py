@@ -45,6 +45,7 @@ def presets_yaml(model_id: str, runtime: str) -> str:
         f" readiness_timeout_seconds: 30, limits: {limits}}}\n"
         f"    oneoff: {{docker_image: '{WORKER_IMAGE}', command: [python3, {workers}/oneoff.py], mode: oneoff,"
         f" limits: {limits}}}\n"
+        f"    blocked: {{docker_image: 'not-on-the-list:1', command: [python3, {workers}/oneoff.py]}}\n"
     )
 
 
@@ -167,11 +168,15 @@ async def close_stack(stack: Stack) -> None:
     """Shut down like gpud does, then check nothing of this test is left in the engine."""
     await stack.session.close()
     await stack.server.close()
-    runtime = stack.services.runtime
     await stack.services.tasks.shutdown()
-    left = await runtime.list({LABEL_MODEL: stack.model_id})
-    for info in left:
-        await runtime.remove(info.id)
+    # Ask the engine through a runtime of our own: the stack's may point at a dead socket on purpose.
+    checker = await open_runtime(stack.runtime_name)
+    try:
+        left = await checker.list({LABEL_MODEL: stack.model_id})
+        for info in left:
+            await checker.remove(info.id)
+    finally:
+        await checker.close()
     await stack.services.close()
     shutil.rmtree(stack.base, ignore_errors=True)
     assert not left, f"containers left after shutdown: {[c.id for c in left]}"

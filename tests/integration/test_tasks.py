@@ -139,3 +139,27 @@ async def test_list_and_show_tasks(stack: Stack) -> None:
     assert task["status"] == "completed" and "listed" in task["text"] and task["task_type"] == "oneoff"
     status, body = await stack.call("DELETE", f"/api/tasks/{task_id}")
     assert status == 409 and body["error"]["code"] == "task_finished"
+
+
+async def test_disallowed_image_is_403_and_creates_no_container(stack: Stack) -> None:
+    for task_type in ("oneoff", "session"):
+        async with await stack.submit(stack.body(task_type, preset="blocked")) as response:
+            assert response.status == 403
+            error = (await response.json())["error"]
+            assert error["code"] == "image_not_allowed" and "not-on-the-list:1" in error["message"]
+    assert await stack.containers() == [] and stack.services.scheduler.leases() == []
+
+
+@pytest.mark.parametrize("engine", ["podman", "docker"])
+async def test_engine_down_is_503_and_health_degraded(engine: str) -> None:
+    if engine not in runtimes():
+        pytest.skip(f"{engine} not selected by GPUD_TEST_RUNTIMES")
+    async for stack in stack_fixture(engine, {"GPUD_RUNTIME_SOCKET": "/tmp/gpud-no-engine-here.sock"}):
+        async with await stack.submit(stack.body("oneoff")) as response:
+            assert response.status == 503 and response.headers["Retry-After"]
+            assert (await response.json())["error"]["code"] == "engine_unavailable"
+        async with stack.session.get(f"{stack.url}/health") as response:
+            health = await response.json()
+        assert response.status == 503 and health["status"] == "degraded"
+        assert health["runtime"]["reachable"] is False and "engine unreachable" in health["reasons"][0]
+        assert stack.services.scheduler.leases() == []
