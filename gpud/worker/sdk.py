@@ -195,6 +195,10 @@ class _Session:
 
     def _start_task(self, task_id: str, input: Any) -> None:
         if self._thread is not None and self._thread.is_alive():
+            # gpud sends a task only after the previous one's `done`, so that thread is just returning: a new
+            # task arriving in that instant must wait for it, not be refused as busy.
+            self._thread.join(timeout=5.0)
+        if self._thread is not None and self._thread.is_alive():
             self.send({"type": "error", "task_id": task_id, "code": "busy", "message": "a task is running"})
             self.send({"type": "done", "task_id": task_id, "status": "failed"})
             return

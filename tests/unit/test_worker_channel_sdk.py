@@ -314,3 +314,12 @@ async def test_sdk_oneoff_mode_without_socket(tmp_path: Path, sdk_dir: Path, mod
     assert "max_tokens=3" in err and '"load_count": 1' in err
     code, out, err = await run_script(STREAM_TEXT, {**env, "GPUD_TASK_INPUT": '{"fail": true, "delay": 0}'})
     assert code == 1 and "metadata.fail" in err
+
+
+async def test_back_to_back_tasks_are_never_refused_as_busy(worker: Worker) -> None:
+    # gpud sends the next task the moment it reads `done`; the worker's previous task thread may still be
+    # returning then. Many tiny tasks in a row make that instant likely; none may fail as "busy".
+    await worker.channel.wait_ready(30)
+    for i in range(300):
+        events = await collect(worker.channel, f"t{i}", {"max_tokens": 1, "delay": 0})
+        assert events[-1].data["status"] == "completed", [(e.type, e.data) for e in events]
