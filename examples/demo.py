@@ -40,6 +40,7 @@ async def stream(session: aiohttp.ClientSession, body: dict[str, Any]) -> dict[s
                     print(f"[connection] {data['status']} on GPU {data['gpu_id']}", file=sys.stderr)
                 elif event == "task_finish":
                     summary["status"] = data["status"]
+                    print(flush=True)
                     print(f"\n[task_finish] {data['status']} in {data['elapsed_seconds']}s", file=sys.stderr)
                 elif event in ("worker", "logs"):
                     shown = {k: v for k, v in data.items() if k not in ("task_id", "container_id")}
@@ -78,16 +79,13 @@ async def main() -> None:
             f"== session: {info['tasks_run']} tasks run, model loaded {info['worker'].get('load_count')} time(s)",
             file=sys.stderr,
         )
-        print("== one-off task (ephemeral container)", file=sys.stderr)
-        await stream(
-            session,
-            {
-                **base,
-                "task_type": "oneoff",
-                "task_preset": "oneoff",
-                "metadata": {"prompt": "one off tasks print line by line"},
-            },
+        print(
+            "== one-off task on the high GPU (an ephemeral container; the session holds the low one)", file=sys.stderr
         )
+        oneoff = {"model_id": "demo-text", "task_difficulty": "high", "task_type": "oneoff", "task_preset": "oneoff"}
+        await stream(session, {**oneoff, "metadata": {"prompt": "one off tasks print line by line"}})
+        async with session.delete(f"{URL}/api/sessions/{first['session_id']}", headers=HEADERS) as response:
+            print(f"== session killed: {(await response.json())['state']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

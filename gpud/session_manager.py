@@ -83,9 +83,11 @@ class SessionManager:
         self._attach_cancel(session, task)
         if session.state is not SessionState.STARTING:
             task.emit(EventType.CONNECTION, status="session_ready", gpu_id=task.gpu_id, session_id=session.id)
-        task.emit(
-            EventType.WORKER, status="queued", container_id=session.container_id, queue_position=len(session.queue)
-        )
+        if session.current is not None or len(session.queue) > 1 or session.state is SessionState.STARTING:
+            # Only a task that really waits is told its place; an idle worker picks it up at once.
+            task.emit(
+                EventType.WORKER, status="queued", container_id=session.container_id, queue_position=len(session.queue)
+            )
         self._wake(session)
 
     def keepalive(self, session: Session) -> None:
