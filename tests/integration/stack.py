@@ -29,14 +29,20 @@ REPO = Path(__file__).resolve().parents[2]
 API_KEY = "stack-key"
 
 
-def examples_dir(runtime: str) -> str:
-    """Where the example workers are: baked into the image, or the repo for the process runtime."""
-    return str(REPO / "examples" / "workers") if runtime == "process" else "/opt/gpud/examples"
+def examples_dir(runtime: str, base: Path) -> str:
+    """Where the example workers are: baked into the image, or copied next to the test's files for the process
+    runtime (its workers run as uid 65534, which may not be able to read a checkout under /root)."""
+    if runtime != "process":
+        return "/opt/gpud/examples"
+    copy = base / "workers"
+    shutil.copytree(REPO / "examples" / "workers", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in (copy, *copy.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return str(copy)
 
 
-def presets_yaml(model_id: str, runtime: str) -> str:
-    """Presets for the example workers under this test's model id."""
-    workers = examples_dir(runtime)
+def presets_yaml(model_id: str, workers: str) -> str:
+    """Presets for the example workers (in the directory `workers`) under this test's model id."""
     limits = "{memory: 256m, cpus: 1, pids: 64}"
     return (
         "models:\n"
@@ -130,7 +136,8 @@ async def open_stack(runtime_name: str, env: dict[str, str] | None = None) -> St
     probe = await open_runtime(runtime_name)  # checks the engine answers and the image is there
     await probe.close()
     # Short, world-traversable base: worker sockets must fit AF_UNIX paths and be reachable by uid 65534.
-    base = Path(tempfile.mkdtemp(prefix="gpud-", dir="/tmp"))
+    # Not under /tmp: the process runtime maps a worker's /tmp paths to its private tmpdir.
+    base = Path(tempfile.mkdtemp(prefix="gpud-", dir="/var/tmp"))
     base.chmod(0o755)
     model_id = f"m-{uuid.uuid4().hex[:10]}"
     model_dir = base / "models" / model_id
@@ -139,7 +146,7 @@ async def open_stack(runtime_name: str, env: dict[str, str] | None = None) -> St
     for path in (base / "models", model_dir):
         path.chmod(0o755)
     (model_dir / "tokens.txt").chmod(0o644)
-    (base / "models.yaml").write_text(presets_yaml(model_id, runtime_name))
+    (base / "models.yaml").write_text(presets_yaml(model_id, examples_dir(runtime_name, base)))
     environ = {
         "GPUD_RUNTIME": runtime_name,
         "GPUD_RUNTIME_SOCKET": socket or "",
