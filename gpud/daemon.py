@@ -142,6 +142,8 @@ class Daemon:
             await self._stop.wait()
             logger.info("shutting down")
             self._notifier.stopping()
+            # End tasks while the sockets still serve, so every attached client receives its task_finish.
+            await services.tasks.shutdown()
         logger.info("stopped")
         return 0
 

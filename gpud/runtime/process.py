@@ -2,7 +2,7 @@
 
 Like Nomad's raw_exec it gives NO container isolation (`isolated = False`, and /health says so); it must be
 chosen explicitly. It keeps the environment contract: the same GPUD_* and GPU variables, with container paths
-(MODEL_PATH=/models, mount targets, /tmp) rewritten to the host paths they are bound from. The image is not
+(MODEL_PATH=/models, mount targets) rewritten to the host paths they are bound from. The image is not
 used. What it does enforce, cheaply and honestly, is listed in `capabilities`:
 
 - no network (`unshare --net`), when running as root and unshare works here;
@@ -147,7 +147,9 @@ class ProcessRuntime:
         tmpdir = tempfile.mkdtemp(prefix="gpud-proc-")
         if self._unshare and spec.user.split(":")[0] not in {"0", "root"}:
             os.chmod(tmpdir, 0o1777)  # the dropped user must be able to write its TMPDIR
-        path_map = {m.target: m.source for m in spec.mounts} | {spec.tmpfs_path: tmpdir}
+        # Only bind mounts are rewritten: an argument under /tmp is a host path here (the worker's own scratch
+        # space is TMPDIR), and rewriting it would break checkouts and files that live under the host's /tmp.
+        path_map = {m.target: m.source for m in spec.mounts}
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self._argv(spec, path_map),
