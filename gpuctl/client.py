@@ -1,21 +1,21 @@
-"""HTTP over gpud's admin Unix socket with the standard library only (fast startup), plus SSE with resume.
+"""The admin API over gpud's Unix socket (gpuctl.unixhttp, stdlib only: fast startup), plus SSE with resume.
 
-Everything here is synchronous: a CLI does one thing at a time, and http.client over AF_UNIX starts in a few
-milliseconds where aiohttp would cost a large import.
+Everything here is synchronous: a CLI does one thing at a time, and aiohttp would cost a large import.
 """
 
 from __future__ import annotations
 
 import errno
-import http.client
 import json
 import os
-import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from gpuctl import unixhttp
+from gpuctl.unixhttp import ConnectFailed, Response
 
 DEFAULT_SOCKET = "/run/gpud/gpud.sock"
 # Requests that do real work on the daemon (model fetch, kill) may take long; plain reads are quick.
@@ -93,25 +93,6 @@ class SseEvent:
         return {"id": self.id, "event": self.event, "data": self.data}
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a Unix socket."""
-
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        """Connect to the Unix socket instead of TCP, turning connect errors into Unreachable."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError as exc:
-            sock.close()
-            raise _unreachable(self._path, exc) from None
-        self.sock = sock
-
-
 def _unreachable(path: str, exc: OSError) -> Unreachable:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return Unreachable(path, "permission denied", permission=True)
@@ -121,7 +102,7 @@ def _unreachable(path: str, exc: OSError) -> Unreachable:
 
 
 def parse_sse(lines: Iterable[bytes]) -> Iterator[SseEvent]:
-    """Events from raw SSE lines (comments and unknown fields ignored); yields each as soon as its blank line arrives."""
+    """Events from raw SSE lines (comments ignored), each yielded as soon as its blank line arrives."""
     fields: dict[str, str] = {}
     data: list[str] = []
     for raw in lines:
@@ -154,15 +135,6 @@ def _event(fields: Mapping[str, str], data: list[str]) -> SseEvent:
     )
 
 
-def _lines(response: http.client.HTTPResponse) -> Iterator[bytes]:
-    """Lines as they arrive (readline returns as soon as one is complete, also with chunked encoding)."""
-    while True:
-        line = response.readline()
-        if not line:
-            return
-        yield line
-
-
 class Client:
     """The admin API of one gpud, over its Unix socket."""
 
@@ -171,24 +143,18 @@ class Client:
         self.timeout = timeout
 
     def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        accept: tuple[int, ...] = (),
-        timeout: float | None | str = "default",
+        self, method: str, path: str, body: Any = None, *, accept: tuple[int, ...] = (), long: bool = False
     ) -> Any:
-        """One JSON request; returns the parsed body (None for 204). Error statuses not in `accept` raise ApiError."""
-        response, conn = self._send(method, path, body, {}, self.timeout if timeout == "default" else timeout)
+        """One JSON request; the parsed body (None for 204). Errors not in `accept` raise ApiError; long: no timeout."""
+        response = self._send(method, path, body, {}, None if long else self.timeout)
         try:
             raw = response.read()
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             raise Unreachable(self.socket_path, f"connection broke: {exc}") from None
         finally:
-            conn.close()
+            response.close()
         if response.status >= 400 and response.status not in accept:
-            raise _api_error(response.status, raw)
+            raise _api_error(response, raw)
         if not raw:
             return None
         try:
@@ -200,25 +166,25 @@ class Client:
         """GET a JSON route."""
         return self.request("GET", _with_query(path, query))
 
-    def post(self, path: str, body: Any = None, *, timeout: float | None | str = "default") -> Any:
-        """POST to a JSON route."""
-        return self.request("POST", path, body, timeout=timeout)
+    def post(self, path: str, body: Any = None, *, long: bool = False) -> Any:
+        """POST to a JSON route (long: wait as long as the daemon takes)."""
+        return self.request("POST", path, body, long=long)
 
     def delete(self, path: str) -> Any:
         """DELETE a resource."""
         return self.request("DELETE", path)
 
-    def stream(
-        self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None
-    ) -> http.client.HTTPResponse:
+    def stream(self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None) -> Response:
         """Open a streaming response (no read timeout: streams may idle between heartbeats); errors raise ApiError."""
-        response, conn = self._send(method, path, body, dict(headers or {}), None)
+        response = self._send(method, path, body, dict(headers or {}), None)
         if response.status >= 400:
             try:
                 raw = response.read()
+            except OSError:
+                raw = b""
             finally:
-                conn.close()
-            raise _api_error(response.status, raw)
+                response.close()
+            raise _api_error(response, raw)
         return response
 
     def submit(self, body: Mapping[str, Any]) -> Iterator[SseEvent]:
@@ -236,34 +202,32 @@ class Client:
         path = _with_query(f"/api/sessions/{urllib.parse.quote(session_id, safe='')}/logs", query)
         response = self.stream("GET", path)
         try:
-            for raw in _lines(response):
+            for raw in response.lines():
                 if raw.strip():
                     yield json.loads(raw)
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             raise StreamLost(f"the log stream broke: {exc}") from None
         finally:
             response.close()
 
-    def _events_stream(self, quoted_id: str, after_id: int) -> http.client.HTTPResponse:
+    def _events_stream(self, quoted_id: str, after_id: int) -> Response:
         return self.stream("GET", f"/api/tasks/{quoted_id}/events", headers={"Last-Event-ID": str(after_id)})
 
-    def _follow(
-        self, open_first: Callable[[], http.client.HTTPResponse], task_id: str | None, after_id: int
-    ) -> Iterator[SseEvent]:
-        """Yield events; when the stream ends early, re-open /events with Last-Event-ID so nothing repeats or is lost."""
+    def _follow(self, open_first: Callable[[], Response], task_id: str | None, after_id: int) -> Iterator[SseEvent]:
+        """Yield events; if the stream ends early, re-open /events with Last-Event-ID: nothing repeats or is lost."""
         last_id, failures = after_id, 0
-        response: http.client.HTTPResponse | None = open_first()
+        response: Response | None = open_first()
         while True:
             if response is not None:
                 try:
-                    for event in parse_sse(_lines(response)):
+                    for event in parse_sse(response.lines()):
                         if event.id is not None:
                             last_id, failures = event.id, 0
                         task_id = task_id or _task_id(event)
                         yield event
                         if event.event == "task_finish":
                             return
-                except (OSError, http.client.HTTPException):
+                except OSError:
                     pass  # the connection broke: resume below
                 finally:
                     response.close()
@@ -276,24 +240,16 @@ class Client:
             except Unreachable:
                 response = None  # the daemon may be restarting: try again
 
-    def _send(
-        self, method: str, path: str, body: Any, headers: dict[str, str], timeout: float | None
-    ) -> tuple[http.client.HTTPResponse, UnixHTTPConnection]:
-        conn = UnixHTTPConnection(self.socket_path, timeout)
+    def _send(self, method: str, path: str, body: Any, headers: dict[str, str], timeout: float | None) -> Response:
         payload = None
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         try:
-            conn.request(method, path, body=payload, headers=headers)
-            return conn.getresponse(), conn
-        except Unreachable:
-            conn.close()
-            raise
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
-                raise _unreachable(self.socket_path, exc) from None
+            return unixhttp.request(self.socket_path, method, path, body=payload, headers=headers, timeout=timeout)
+        except ConnectFailed as exc:
+            raise _unreachable(self.socket_path, exc) from None
+        except OSError as exc:
             raise Unreachable(self.socket_path, f"connection broke: {exc}") from None
 
 
@@ -307,11 +263,11 @@ def _with_query(path: str, query: Mapping[str, Any]) -> str:
     return f"{path}?{urllib.parse.urlencode(present)}" if present else path
 
 
-def _api_error(status: int, raw: bytes) -> ApiError:
+def _api_error(response: Response, raw: bytes) -> ApiError:
     """The daemon's error body, or a generic one for anything that is not gpud's shape."""
     try:
         error = json.loads(raw)["error"]
-        return ApiError(status, str(error["code"]), str(error["message"]))
+        return ApiError(response.status, str(error["code"]), str(error["message"]))
     except (ValueError, KeyError, TypeError):
         text = raw.decode("utf-8", errors="replace").strip()[:200]
-        return ApiError(status, f"http_{status}", text or http.client.responses.get(status, "error"))
+        return ApiError(response.status, f"http_{response.status}", text or response.reason or "error")

@@ -83,10 +83,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def duration(seconds: float | None) -> str:
-    """A short human duration: 45s, 3m, 2h5m, 3d4h."""
+    """A short human duration: 0.3s, 45s, 3m, 2h5m, 3d4h."""
     if seconds is None:
         return "-"
-    seconds = max(0, int(seconds))
+    if seconds < 10:
+        return f"{max(0.0, seconds):.1f}s"  # short tasks: tenths matter
+    seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"
     minutes, secs = divmod(seconds, 60)
@@ -116,7 +118,8 @@ def size(num_bytes: int | None) -> str:
     value = float(num_bytes)
     for unit in ("B", "Ki", "Mi", "Gi", "Ti"):
         if abs(value) < 1024 or unit == "Ti":
-            return f"{int(value)}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+            text = f"{int(value)}" if unit == "B" or value == int(value) else f"{value:.1f}"
+            return text + unit
         value /= 1024
     return f"{num_bytes}B"  # unreachable: the loop returns at Ti
 

@@ -11,8 +11,8 @@ from gpuctl.output import Style, ago, cell, duration, fields, short_id, size, ta
 Obj = Mapping[str, Any]
 
 
-def status(health: Obj, style: Style) -> str:
-    """`gpuctl status`: health, version, uptime, runtime, GPU summary, activity."""
+def status(health: Obj, style: Style, socket: str | None = None) -> str:
+    """`gpuctl status`: health, version, uptime, runtime, GPU summary, activity (and the socket used)."""
     runtime = health.get("runtime") or {}
     gpus = health.get("gpus") or []
     leased = sum(1 for g in gpus if g.get("leased"))
@@ -33,6 +33,8 @@ def status(health: Obj, style: Style) -> str:
         ("tasks", f"{health.get('active_tasks', 0)} active"),
     ]
     pairs += [("problem", style.paint(str(reason), "red")) for reason in health.get("reasons") or []]
+    if socket is not None:
+        pairs.append(("socket", socket))
     return fields(pairs)
 
 

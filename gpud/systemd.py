@@ -24,10 +24,17 @@ class Notifier:
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         environ = os.environ if environ is None else environ
-        self.enabled = bool(environ.get("NOTIFY_SOCKET"))
-        # sdnotify reads NOTIFY_SOCKET itself at construction; it ignores send errors, as systemd's own
-        # sd_notify does: a lost status line must never take the daemon down.
-        self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
+        address = environ.get("NOTIFY_SOCKET", "")
+        self.enabled = bool(address)
+        self._notifier: sdnotify.SystemdNotifier | None = None
+        if self.enabled:
+            # sdnotify sends the messages; the socket is ours, connected to the address in *this* environment and
+            # non-blocking, so a full datagram queue (nobody reading) drops a message instead of blocking the loop.
+            # Send errors are ignored, as systemd's own sd_notify does: a lost status line must never stop gpud.
+            self._notifier = sdnotify.SystemdNotifier()
+            if self._notifier.socket is not None:
+                self._notifier.socket.close()  # the one it opened from os.environ
+            self._notifier.socket = _connect(address)
         self.watchdog_interval = _watchdog_interval(environ)
 
     def send(self, *lines: str) -> None:
@@ -59,6 +66,19 @@ class Notifier:
         while True:
             self.send("WATCHDOG=1")
             await asyncio.sleep(self.watchdog_interval)
+
+
+def _connect(address: str) -> socket.socket | None:
+    """A non-blocking datagram socket connected to NOTIFY_SOCKET (`@name` is an abstract socket)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.connect("\0" + address[1:] if address.startswith("@") else address)
+    except OSError as exc:
+        logger.warning("cannot reach NOTIFY_SOCKET %s: %s", address, exc)
+        sock.close()
+        return None
+    sock.setblocking(False)
+    return sock
 
 
 def _monotonic_usec() -> float:

@@ -56,9 +56,9 @@ def encode(lines: Iterable[LogLine], ndjson: bool) -> bytes:
 
 async def session_logs(request: web.Request) -> web.StreamResponse:
     """GET /api/sessions/{session_id}/logs?follow=1&tail=N&format=ndjson: what the worker wrote, then (follow) more."""
+    options = parse_options(dict(request.query))
     services = request.app[SERVICES]
     session = services.tasks.sessions.registry.get(request.match_info["session_id"])
-    options = parse_options(dict(request.query))
     container_id = session.container_id
     if container_id is None:
         raise Conflict(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import http.client
+import json
 import os
 import signal
 import socket
@@ -169,3 +171,32 @@ def test_port_in_use_is_a_clear_error(daemon_factory: type[DaemonProcess]) -> No
     second = daemon_factory(env={"GPUD_HTTP_LISTEN": f"127.0.0.1:{first.port}"}).start(wait=False)
     assert second.wait() != 0
     assert "address already in use" in second.log.lower() or str(errno.EADDRINUSE) in second.log
+
+
+def test_sigterm_with_a_live_session_gives_clients_task_finish_and_exit_0() -> None:
+    from tests.integration.gpuctl_env import MODEL_ID, start_host
+
+    host = start_host()
+    try:
+        port = host.daemon.port
+        body = json.dumps(
+            {
+                "task_type": "session",
+                "model_id": MODEL_ID,
+                "task_preset": "stream",
+                "metadata": {"max_tokens": 500, "delay": 0.1},
+            }
+        ).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/api/tasks/submit", body=body, headers={"X-API-Key": "test-key"})
+        response = conn.getresponse()
+        seen = b""
+        while b"event: text_delta" not in seen:  # the session is up and streaming
+            seen += response.read1(4096)
+        host.daemon.signal(signal.SIGTERM)
+        seen += response.read()  # the daemon finishes the stream before it closes its sockets
+        assert host.daemon.wait() == 0
+        assert b"event: task_finish" in seen and b'"code":"session_shutdown"' in seen
+        assert "stopped" in host.daemon.log
+    finally:
+        host.close()
