@@ -136,12 +136,19 @@ class SessionManager:
             await self._teardown(session, worker, crash)
 
     async def _start(self, session: Session, first: Task) -> SessionWorker:
-        """Fetch the model and image, start the worker, wait for ready, then tell the first task."""
+        """Start the worker; a failure is a WorkerCrashed that names `first`, the task that was waiting on it."""
         try:
-            model_dir = await self._store.ensure(first.request.model_id, model_progress(first), holder=session.id)
-            await self._runtime.ensure_image(session.preset.image, image_progress(first))
-        except GpudError as exc:
-            raise WorkerCrashed(exc.message, None, []) from exc
+            return await self._start_worker(session, first)
+        except GpudError as exc:  # model fetch, image, engine or container errors, with their own codes
+            raise WorkerCrashed(exc.message, None, [], code=exc.code, task=first) from exc
+        except WorkerCrashed as crash:
+            crash.task = crash.task or first
+            raise
+
+    async def _start_worker(self, session: Session, first: Task) -> SessionWorker:
+        """Fetch the model and image, start the worker, wait for ready, then tell the waiting tasks."""
+        model_dir = await self._store.ensure(first.request.model_id, model_progress(first), holder=session.id)
+        await self._runtime.ensure_image(session.preset.image, image_progress(first))
         worker = SessionWorker(
             self._runtime,
             session.preset,
@@ -321,7 +328,7 @@ class SessionManager:
         exit_code = crash.status.exit_code if crash.status else None
         for task in (crash.task, session.current):
             if task is not None:
-                task.finish(TaskStatus.FAILED, error=TaskError("worker_crashed", message), exit_code=exit_code)
+                task.finish(TaskStatus.FAILED, error=TaskError(crash.code, message), exit_code=exit_code)
         session.end_reason = "worker_crashed"
         session.drop_queued(TaskStatus.FAILED, TaskError("session_failed", f"the session's worker failed: {message}"))
         if not session.ended:

@@ -44,11 +44,19 @@ STOP_GRACE_SECONDS = 5.0
 class WorkerCrashed(Exception):
     """The worker's container exited or its connection dropped; carries the exit status and last lines."""
 
-    def __init__(self, message: str, status: ExitStatus | None, tail: list[str]) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: ExitStatus | None,
+        tail: list[str],
+        code: str = "worker_crashed",
+        task: Task | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.tail = tail
-        self.task: Task | None = None  # the task that was running, if any
+        self.code = code  # what the task's error says, e.g. model_fetch_failed before any container ran
+        self.task = task  # the task that was running (or waiting for the worker to start), if any
 
     def describe(self) -> str:
         """A message for the task's error: what happened, the exit code, the last log lines."""

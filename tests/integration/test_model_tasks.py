@@ -67,6 +67,9 @@ async def test_failed_fetch_fails_the_task_and_the_next_task_tries_again(
         assert "500" in finish["error"]["message"]
         assert not (stack.base / "models" / stack.model_id).exists()
         assert stack.services.scheduler.leases() == []
+        session = await stack.run(stack.body("session"))
+        assert session[-1].data["status"] == "failed" and session[-1].data["error"]["code"] == "model_fetch_failed"
+        assert stack.services.scheduler.leases() == []
         file_service.set(stack.model_id, status=None)
         again = await stack.run(stack.body("oneoff"))
         assert again[-1].data["status"] == "completed"
