@@ -52,6 +52,9 @@ def presets_yaml(model_id: str, workers: str) -> str:
         f"    oneoff: {{docker_image: '{WORKER_IMAGE}', command: [python3, {workers}/oneoff.py], mode: oneoff,"
         f" limits: {limits}}}\n"
         f"    blocked: {{docker_image: 'not-on-the-list:1', command: [python3, {workers}/oneoff.py]}}\n"
+        # Allowed but never built; its registry is on loopback, so the failed pull never leaves the machine.
+        f"    missing: {{docker_image: '127.0.0.1:9/gpud-worker-python:never-built',"
+        f" command: [python3, {workers}/oneoff.py]}}\n"
     )
 
 
@@ -157,7 +160,7 @@ async def open_stack(runtime_name: str, env: dict[str, str] | None = None) -> St
         "MODEL_CACHE_DIR": str(base / "models"),
         "AUTO_FETCH_MODELS": "false",
         "GPUD_PRESETS_FILE": str(base / "models.yaml"),
-        "ALLOWED_DOCKER_IMAGES": "gpud-worker-python:*,localhost/gpud-worker-python:*",
+        "ALLOWED_DOCKER_IMAGES": "gpud-worker-python:*,localhost/gpud-worker-python:*,127.0.0.1:9/*",
         "INTERNAL_API_KEY": API_KEY,
         **(env or {}),
     }

@@ -255,7 +255,9 @@ async def test_disallowed_image_creates_no_container(
 
 async def test_missing_image_fails_naming_it_and_the_build_script(runtime: ContainerRuntime) -> None:
     require(runtime, Capability.IMAGES)
-    image = "gpud-no-such-image:latest"
+    # Qualified with a loopback registry: the failed pull never leaves this machine (a short name could send
+    # docker to docker.io).
+    image = "127.0.0.1:9/gpud-no-such-image:latest"
     results = await asyncio.gather(*(runtime.ensure_image(image) for _ in range(3)), return_exceptions=True)
     for result in results:
         assert isinstance(result, ImageUnavailable), result

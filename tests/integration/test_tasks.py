@@ -163,3 +163,15 @@ async def test_engine_down_is_503_and_health_degraded(engine: str) -> None:
         assert response.status == 503 and health["status"] == "degraded"
         assert health["runtime"]["reachable"] is False and "engine unreachable" in health["reasons"][0]
         assert stack.services.scheduler.leases() == []
+
+
+async def test_allowed_but_missing_image_fails_the_task_naming_the_image(stack: Stack) -> None:
+    if stack.runtime_name == "process":
+        pytest.skip("the process runtime runs no images")
+    for task_type in ("oneoff", "session"):
+        events = await stack.run(stack.body(task_type, preset="missing"))
+        finish = finish_of(events)
+        assert finish["status"] == "failed" and finish["error"]["code"] == "image_unavailable"
+        assert "127.0.0.1:9/gpud-worker-python:never-built" in finish["error"]["message"]
+        assert "scripts/build-images.sh" in finish["error"]["message"]
+    assert await stack.containers() == [] and stack.services.scheduler.leases() == []

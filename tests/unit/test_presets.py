@@ -75,3 +75,9 @@ def test_parse_size(text: object, size: int) -> None:
 def test_parse_size_rejects(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_size(bad)
+
+
+def test_etc_presets_match_the_packaged_defaults() -> None:
+    # etc/gpud/models.yaml is what operators copy; the package carries the same file for `gpud run --dev`.
+    shipped = (REPO / "etc" / "gpud" / "models.yaml").read_text()
+    assert shipped == (REPO / "gpud" / "defaults" / "models.yaml").read_text()
