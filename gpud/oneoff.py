@@ -127,11 +127,10 @@ class OneOffRunner:
                 await self._runtime.stop(task.container_id, STOP_GRACE_SECONDS)
                 await waiter
                 status = TaskStatus.CANCELLED if stopper.is_set() else TaskStatus.TIMEOUT
-                # Output already written still reaches the stream before task_finish.
-                await asyncio.wait_for(pump, timeout=5.0)
+                await _drain(pump)
                 error = _cancel_error(task) if stopper.is_set() else _timeout_error(task)
                 return Outcome(status, error)
-            await asyncio.wait_for(pump, timeout=10.0)
+            await _drain(pump)
             return _outcome_of_exit(task, waiter.result(), tail)
         finally:
             for pending in (pump, waiter, stop_wait):
@@ -158,6 +157,13 @@ class OneOffRunner:
         self._scheduler.release(lease)
         with contextlib.suppress(OSError):
             await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, input_dir)
+
+
+async def _drain(pump: asyncio.Task[None]) -> None:
+    """Let output already written reach the stream before task_finish; an engine that never ends the log
+    stream must not hold the outcome hostage."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(pump), timeout=5.0)
 
 
 def _cancel_hook(stopper: asyncio.Event) -> CancelHook:
