@@ -200,3 +200,60 @@ def test_sigterm_with_a_live_session_gives_clients_task_finish_and_exit_0() -> N
         assert "stopped" in host.daemon.log
     finally:
         host.close()
+
+
+def test_socket_activation_serves_on_the_sockets_systemd_passes(tmp_path: Path) -> None:
+    admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    admin_path = tmp_path / "activated.sock"
+    admin.bind(str(admin_path))
+    admin.listen(16)
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(16)
+    port = tcp.getsockname()[1]
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(20)
+
+    def as_systemd_passes_them() -> None:  # fds 3 and 4, as sd_listen_fds() expects
+        os.dup2(admin.fileno(), 3)
+        os.dup2(tcp.fileno(), 4)
+
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "LISTEN_FDS": "2",
+        "LISTEN_FDNAMES": "admin:http",
+        "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+        "GPUD_GPU_BACKEND": "static",
+        "GPU_DEVICE_IDS": "0",
+        "GPUD_RUNTIME": "process",
+        "GPUD_STATE_DIR": str(tmp_path / "state"),
+        "GPUD_ADMIN_SOCKET": str(tmp_path / "not-used" / "gpud.sock"),
+        "GPUD_HTTP_LISTEN": "127.0.0.1:1",  # not where the test connects: /health below goes through the passed socket
+        "GPUD_PRESETS_FILE": str(Path(__file__).resolve().parents[2] / "gpud" / "defaults" / "models.yaml"),
+    }
+    # LISTEN_PID must be the daemon's own pid: the shell exports its pid, then execs gpud in its place.
+    proc = subprocess.Popen(
+        ["sh", "-c", f'LISTEN_PID=$$ exec "{sys.executable}" -m gpud run'],
+        env=env,
+        pass_fds=(3, 4),
+        preexec_fn=as_systemd_passes_them,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert b"READY=1" in notify.recv(4096)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(str(admin_path))
+        probe.sendall(b"GET /api/gpus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert probe.recv(100).startswith(b"HTTP/1.1 200")
+        probe.close()
+        assert not (tmp_path / "not-used").exists(), "gpud bound its own admin socket despite activation"
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0, proc.stderr.read().decode() if proc.stderr else ""
+        for sock in (admin, tcp, notify):
+            sock.close()
