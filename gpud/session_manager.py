@@ -303,10 +303,10 @@ class SessionManager:
         """Stop the container and release model and GPU first, then finish the session's tasks."""
         if crash is None and session.state is not SessionState.STOPPING and not session.ended:
             session.move(SessionState.STOPPING)
-        worker = worker or self._workers.pop(session.id, None)
-        self._workers.pop(session.id, None)
-        if worker is not None:
-            await worker.stop()
+        # The latest worker may differ from the one the loop held (a restart that failed half way): stop both.
+        latest = self._workers.pop(session.id, None)
+        for each in {w for w in (worker, latest) if w is not None}:
+            await each.stop()
         self._store.release(session.preset.model_id, session.id)
         self._scheduler.release(session.lease)
         if crash is not None:
