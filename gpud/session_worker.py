@@ -18,20 +18,22 @@ from gpud.runtime.spec import build_spec
 from gpud.scheduler import Lease
 from gpud.tasks import ERROR_TAIL_LINES, Task
 from gpud.worker.channel import ReadyInfo, WorkerChannel, WorkerError
-from gpud.worker.protocol import SOCKET_NAME
+from gpud.worker.protocol import (
+    CONTAINER_SDK_DIR,
+    CONTAINER_SDK_PATH,
+    CONTAINER_SOCKET_DIR,
+    CONTAINER_SOCKET_PATH,
+    ENV_SOCKET,
+)
 
 logger = logging.getLogger(__name__)
-
-WORKER_SOCKET_DIR = "/run/gpud-worker"
-SDK_DIR = "/opt/gpud/lib"
-SDK_MODULE = "gpud_worker.py"
 
 
 def install_sdk(source: Path, sdk_dir: Path) -> None:
     """Copy the stdlib-only SDK to `sdk_dir/gpud_worker.py`, readable by any worker user (mounted read-only)."""
     sdk_dir.mkdir(parents=True, exist_ok=True)
     sdk_dir.chmod(0o755)
-    target = sdk_dir / SDK_MODULE
+    target = sdk_dir / Path(CONTAINER_SDK_PATH).name
     tmp = target.with_suffix(".tmp")
     shutil.copyfile(source, tmp)
     tmp.chmod(0o644)
@@ -39,6 +41,12 @@ def install_sdk(source: Path, sdk_dir: Path) -> None:
 
 
 STOP_GRACE_SECONDS = 5.0
+
+
+def _pythonpath(preset: Preset) -> str:
+    """The SDK's directory first, then any PYTHONPATH the preset sets for its own code."""
+    own = preset.env.get("PYTHONPATH")
+    return f"{CONTAINER_SDK_DIR}:{own}" if own else CONTAINER_SDK_DIR
 
 
 class WorkerCrashed(Exception):
@@ -109,10 +117,10 @@ class SessionWorker:
             gpu=gpu_device(self._lease),
             model_dir=self._model_dir,
             mounts=[
-                Mount(str(self._socket_dir), WORKER_SOCKET_DIR, read_only=False),
-                Mount(str(self._sdk_dir), SDK_DIR, read_only=True),
+                Mount(str(self._socket_dir), CONTAINER_SOCKET_DIR, read_only=False),
+                Mount(str(self._sdk_dir), CONTAINER_SDK_DIR, read_only=True),
             ],
-            env={"GPUD_WORKER_SOCKET": f"{WORKER_SOCKET_DIR}/{SOCKET_NAME}", "PYTHONPATH": SDK_DIR},
+            env={ENV_SOCKET: CONTAINER_SOCKET_PATH, "PYTHONPATH": _pythonpath(self._preset)},
             stop_grace_seconds=STOP_GRACE_SECONDS,
         )
         self.container_id = await self._runtime.run(spec)

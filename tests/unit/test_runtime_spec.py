@@ -176,3 +176,11 @@ def test_runtime_registry() -> None:
     with pytest.raises(InvalidRequest) as raised:
         make_runtime("lxc")
     assert raised.value.code == "unknown_runtime"
+
+
+def test_session_worker_pythonpath_puts_the_sdk_first_and_keeps_the_presets() -> None:
+    from gpud.session_worker import _pythonpath
+
+    assert _pythonpath(Preset(model_id="m", name="p", image="i")) == "/opt/gpud/lib"
+    preset = Preset(model_id="m", name="p", image="i", env={"PYTHONPATH": "/app/src"})
+    assert _pythonpath(preset) == "/opt/gpud/lib:/app/src"
