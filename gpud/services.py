@@ -20,6 +20,8 @@ from gpud.runtime.base import ContainerRuntime
 from gpud.scheduler import Scheduler
 from gpud.session_manager import SessionManager
 from gpud.session_worker import install_sdk
+from gpud.sessions import SessionRegistry
+from gpud.tasks import TaskRegistry
 from gpud.taskservice import TaskService
 
 if TYPE_CHECKING:
@@ -45,6 +47,14 @@ class Services:
     started_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
     background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def task_registry(self) -> TaskRegistry:
+        """Every known task (for metrics)."""
+        return self.tasks.registry
+
+    def session_registry(self) -> SessionRegistry:
+        """Every known session (for metrics)."""
+        return self.tasks.sessions.registry
 
     def uptime(self) -> float:
         """Seconds since the daemon started."""
@@ -102,9 +112,11 @@ def create_services(settings: Settings, nvml: Any = None) -> Services:
     state = settings.state_dir
     sessions = SessionManager(runtime, models, scheduler, current_settings, state / "sessions", state / "sdk")
     oneoff = OneOffRunner(runtime, models, scheduler, settings.state_dir / "tasks")
+    metrics = Metrics()
     tasks = TaskService(
-        current_settings, lambda: holder["services"].presets, runtime, models, scheduler, oneoff, sessions
+        current_settings, lambda: holder["services"].presets, runtime, models, scheduler, oneoff, sessions, metrics
     )
-    services = Services(settings, presets, inventory, scheduler, Metrics(), runtime, models, tasks)
+    services = Services(settings, presets, inventory, scheduler, metrics, runtime, models, tasks)
     holder["services"] = services
+    metrics.watch(services)
     return services

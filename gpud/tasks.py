@@ -87,6 +87,8 @@ class Task:
     # Set by the runner while the task can be cancelled; called with a reason code.
     cancel_hook: CancelHook | None = None
     cancel_reason: str | None = None
+    # Called once when the task ends (the registry uses it for metrics).
+    on_finish: Callable[[Task], None] | None = None
 
     def __post_init__(self) -> None:
         self.log = TaskEventLog(self.id)
@@ -139,6 +141,8 @@ class Task:
         if exit_code is not None:
             data["exit_code"] = exit_code
         self.log.finish(data)
+        if self.on_finish is not None:
+            self.on_finish(self)
         logger.info("task %s %s%s", self.id, status.value, f" ({error.code}: {error.message})" if error else "")
         return True
 
@@ -186,13 +190,15 @@ class Task:
 class TaskRegistry:
     """Active tasks, and finished ones for a retention period (so streams can be replayed after the end)."""
 
-    def __init__(self, retention_seconds: Callable[[], float]) -> None:
+    def __init__(self, retention_seconds: Callable[[], float], on_finish: Callable[[Task], None] | None = None) -> None:
         self._tasks: dict[str, Task] = {}
         self._retention = retention_seconds
+        self._on_finish = on_finish
 
     def add(self, task: Task) -> None:
         """Register a new task."""
         self._tasks[task.id] = task
+        task.on_finish = self._on_finish
 
     def get(self, task_id: str) -> Task:
         """The task, or NotFound."""

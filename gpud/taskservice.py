@@ -10,6 +10,7 @@ from typing import Any
 
 from gpud.config import Settings
 from gpud.errors import Conflict, InvalidRequest, NotFound
+from gpud.metrics import Metrics
 from gpud.modelstore import ModelStore
 from gpud.oneoff import OneOffRunner
 from gpud.presets import PresetCatalog
@@ -38,6 +39,7 @@ class TaskService:
         scheduler: Scheduler,
         oneoff: OneOffRunner,
         sessions: SessionManager,
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._presets = presets
@@ -46,7 +48,8 @@ class TaskService:
         self._scheduler = scheduler
         self._oneoff = oneoff
         self.sessions = sessions
-        self.registry = TaskRegistry(lambda: self._settings().task_retention_seconds)
+        self._metrics = metrics
+        self.registry = TaskRegistry(lambda: self._settings().task_retention_seconds, on_finish=self._observe)
         self._runs: set[asyncio.Task[None]] = set()
 
     async def submit(self, request: TaskRequest) -> Task:
@@ -85,6 +88,11 @@ class TaskService:
         self.sessions.enqueue(session, task)
         self.registry.add(task)
         return task
+
+    def _observe(self, task: Task) -> None:
+        labels = (task.request.task_type.value, task.status.value)
+        self._metrics.tasks_finished.labels(*labels).inc()
+        self._metrics.task_duration.labels(*labels).observe(task.elapsed())
 
     def _check_model(self, model_id: str) -> None:
         """Bad ids are 400; a model that is absent with auto-fetch off is 404 before any GPU is leased."""

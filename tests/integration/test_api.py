@@ -99,3 +99,19 @@ async def test_unexpected_error_is_a_logged_500_without_traceback(
         await server.close()
     assert response.status == 500 and "secret" not in body and "Traceback" not in body
     assert "internal_error" in body and "secret internals" in caplog.text
+
+
+async def test_metrics_are_derived_from_live_state(stack: Stack) -> None:
+    events = await stack.run(stack.body("oneoff", metadata={"prompt": "m"}))
+    assert events[-1].data["status"] == "completed"
+    session = await stack.run(stack.body("session", metadata={"max_tokens": 1, "delay": 0}))
+    assert session[-1].data["status"] == "completed"
+    async with stack.session.get(f"{stack.url}/metrics", headers={"X-API-Key": API_KEY}) as response:
+        text = await response.text()
+    assert 'gpud_tasks_finished_total{status="completed",type="oneoff"} 1.0' in text
+    assert 'gpud_tasks_finished_total{status="completed",type="session"} 1.0' in text
+    assert 'gpud_task_duration_seconds_count{status="completed",type="oneoff"} 1.0' in text
+    assert 'gpud_gpu_leased{difficulty="low",gpu="0",uuid="GPU-static-0"} 1.0' in text  # the live session
+    assert 'gpud_gpu_leased{difficulty="high",gpu="1",uuid="GPU-static-1"} 0.0' in text
+    assert 'gpud_sessions{state="ready"} 1.0' in text and 'gpud_tasks{status="completed"} 2.0' in text
+    assert "gpud_session_queued_tasks 0.0" in text

@@ -145,3 +145,26 @@ def test_no_gpu_with_that_difficulty() -> None:
     with pytest.raises(Unavailable) as info:
         scheduler.acquire("high", "x", "task")
     assert info.value.code == "no_gpu_for_difficulty"
+
+
+def test_nvml_samples_reach_the_metrics() -> None:
+    from types import SimpleNamespace
+
+    from gpud.metrics import Metrics
+    from gpud.sessions import SessionRegistry
+    from gpud.tasks import TaskRegistry
+
+    inventory = open_inventory("nvml", (), {0: "high"}, nvml=FakeNvml(count=1))
+    state = SimpleNamespace(
+        inventory=inventory,
+        scheduler=Scheduler(inventory),
+        task_registry=lambda: TaskRegistry(lambda: 60.0),
+        session_registry=SessionRegistry,
+    )
+    metrics = Metrics()
+    metrics.watch(state)  # type: ignore[arg-type]
+    text = metrics.render().decode()
+    labels = '{difficulty="high",gpu="0",uuid="GPU-0000-0"}'
+    assert f"gpud_gpu_utilization_percent{labels} 40.0" in text
+    assert f"gpud_gpu_memory_used_bytes{labels} 1.073741824e+09" in text
+    assert f"gpud_gpu_temperature_celsius{labels} 55.0" in text
