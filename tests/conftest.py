@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.daemonproc import DaemonProcess
+from tests.fileservice import FileService
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,3 +42,12 @@ def daemon_factory(tmp_path: Path) -> Iterator[type[DaemonProcess]]:
     yield Factory
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture
+async def svc() -> AsyncIterator[FileService]:
+    """The test file service (tests/fileservice.py) listening on loopback."""
+    service = FileService()
+    await service.start()
+    yield service
+    await service.stop()

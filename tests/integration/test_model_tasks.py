@@ -15,14 +15,6 @@ from tests.integration.stack import Stack, runtimes, stack_fixture
 GPUS = 16
 
 
-@pytest.fixture
-async def file_service(tmp_path: Path) -> AsyncIterator[FileService]:
-    service = FileService()
-    await service.start()
-    yield service
-    await service.stop()
-
-
 async def fetching_stack(runtime: str, service: FileService, tmp_path: Path, gpus: int = 2) -> AsyncIterator[Stack]:
     env = {
         "AUTO_FETCH_MODELS": "true",
@@ -41,14 +33,14 @@ async def fetching_stack(runtime: str, service: FileService, tmp_path: Path, gpu
         yield stack
 
 
-async def test_sixteen_concurrent_tasks_fetch_the_model_once(file_service: FileService, tmp_path: Path) -> None:
-    async for stack in fetching_stack("process", file_service, tmp_path, gpus=GPUS):
+async def test_sixteen_concurrent_tasks_fetch_the_model_once(svc: FileService, tmp_path: Path) -> None:
+    async for stack in fetching_stack("process", svc, tmp_path, gpus=GPUS):
         # Slow the download so every task arrives while it is in flight.
-        file_service.set(stack.model_id, chunk_delay=0.05, chunk_size=64)
+        svc.set(stack.model_id, chunk_delay=0.05, chunk_size=64)
         streams = await asyncio.gather(
             *(stack.run(stack.body("oneoff", metadata={"prompt": f"task {i}"})) for i in range(GPUS))
         )
-        assert file_service.requests[stack.model_id] == 1
+        assert svc.requests[stack.model_id] == 1
         for events in streams:
             assert events[-1].data["status"] == "completed", events[-1].data
             fetching = [e.data for e in events if e.event == "worker" and e.data["status"] == "fetching_model"]
@@ -56,11 +48,9 @@ async def test_sixteen_concurrent_tasks_fetch_the_model_once(file_service: FileS
         assert (stack.base / "models" / stack.model_id / "tokens.txt").is_file()
 
 
-async def test_failed_fetch_fails_the_task_and_the_next_task_tries_again(
-    file_service: FileService, tmp_path: Path
-) -> None:
-    async for stack in fetching_stack("process", file_service, tmp_path):
-        file_service.set(stack.model_id, status=500)
+async def test_failed_fetch_fails_the_task_and_the_next_task_tries_again(svc: FileService, tmp_path: Path) -> None:
+    async for stack in fetching_stack("process", svc, tmp_path):
+        svc.set(stack.model_id, status=500)
         events = await stack.run(stack.body("oneoff"))
         finish = events[-1].data
         assert finish["status"] == "failed" and finish["error"]["code"] == "model_fetch_failed"
@@ -70,19 +60,19 @@ async def test_failed_fetch_fails_the_task_and_the_next_task_tries_again(
         session = await stack.run(stack.body("session"))
         assert session[-1].data["status"] == "failed" and session[-1].data["error"]["code"] == "model_fetch_failed"
         assert stack.services.scheduler.leases() == []
-        file_service.set(stack.model_id, status=None)
+        svc.set(stack.model_id, status=None)
         again = await stack.run(stack.body("oneoff"))
         assert again[-1].data["status"] == "completed"
 
 
 @pytest.mark.parametrize("runtime", [r for r in runtimes() if r != "process"])
 async def test_fetched_model_is_mounted_read_only_into_a_session_worker(
-    runtime: str, file_service: FileService, tmp_path: Path
+    runtime: str, svc: FileService, tmp_path: Path
 ) -> None:
-    async for stack in fetching_stack(runtime, file_service, tmp_path):
+    async for stack in fetching_stack(runtime, svc, tmp_path):
         events = await stack.run(stack.body("session", metadata={"max_tokens": 3, "delay": 0.01}))
         assert events[-1].data["status"] == "completed", events[-1].data
         assert any(e.data.get("status") == "fetching_model" for e in events if e.event == "worker")
         text = next(e for e in events if e.event == "text").data["text"]
         assert text.split()[0] == "alpha", "the worker read the fetched tokens.txt"
-        assert file_service.requests[stack.model_id] == 1
+        assert svc.requests[stack.model_id] == 1

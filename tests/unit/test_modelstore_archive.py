@@ -6,7 +6,6 @@ import gzip
 import io
 import os
 import tarfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,7 @@ import pytest
 from gpud.errors import GpudError
 from gpud.modelstore import ModelStore
 from gpud.modelstore.archive import UnsafeArchive, extract_tar
-
-try:
-    from tests.fileservice import FileService, tar_bytes
-except ImportError:  # tests/ is not a package here: pytest put tests/ itself on sys.path
-    from fileservice import FileService, tar_bytes  # type: ignore[no-redef]
+from tests.fileservice import FileService, tar_bytes
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 
@@ -113,14 +108,6 @@ def test_benign_archive_extracts(tmp_path: Path) -> None:
     assert (dest / "a" / "latest").read_bytes() == b"weights"
     assert (dest / "a" / "hard").read_bytes() == b"weights"
     assert oct((dest / "run").stat().st_mode & 0o777) == oct(0o755)  # readable by the worker's user
-
-
-@pytest.fixture
-async def svc() -> AsyncIterator[FileService]:
-    service = FileService()
-    await service.start()
-    yield service
-    await service.stop()
 
 
 async def test_hostile_archive_through_store(tmp_path: Path, svc: FileService) -> None:

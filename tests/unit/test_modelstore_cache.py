@@ -10,11 +10,7 @@ import pytest
 
 from gpud.errors import Conflict, NotFound
 from gpud.modelstore import ModelStore
-
-try:
-    from tests.fileservice import FileService
-except ImportError:  # tests/ is not a package here: pytest put tests/ itself on sys.path
-    from fileservice import FileService  # type: ignore[no-redef]
+from tests.fileservice import FileService
 
 MiB = 1 << 20
 

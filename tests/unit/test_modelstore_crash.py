@@ -12,11 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpud.modelstore import ModelStore
-
-try:
-    from tests.fileservice import FileService
-except ImportError:  # tests/ is not a package here: pytest put tests/ itself on sys.path
-    from fileservice import FileService  # type: ignore[no-redef]
+from tests.fileservice import FileService
 
 MiB = 1 << 20
 CHILD = """

@@ -14,22 +14,10 @@ import pytest
 
 from gpud.errors import GpudError, NotFound, Unavailable
 from gpud.modelstore import MANIFEST_NAME, FetchPhase, FetchProgress, ModelStore
-
-try:
-    from tests.fileservice import FileService
-except ImportError:  # tests/ is not a package here: pytest put tests/ itself on sys.path
-    from fileservice import FileService  # type: ignore[no-redef]
+from tests.fileservice import FileService
 
 MiB = 1 << 20
 MakeStore = Callable[..., Awaitable[ModelStore]]
-
-
-@pytest.fixture
-async def svc() -> AsyncIterator[FileService]:
-    service = FileService()
-    await service.start()
-    yield service
-    await service.stop()
 
 
 @pytest.fixture

@@ -10,11 +10,7 @@ import pytest
 
 from gpud.errors import InvalidRequest
 from gpud.modelstore import ModelStore
-
-try:
-    from tests.fileservice import FileService
-except ImportError:  # tests/ is not a package here: pytest put tests/ itself on sys.path
-    from fileservice import FileService  # type: ignore[no-redef]
+from tests.fileservice import FileService
 
 BAD_IDS = [
     "../x",
@@ -52,14 +48,6 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, float]]:
             st = os.lstat(full)
             out[os.path.relpath(full, root)] = (st.st_mode, st.st_size, st.st_mtime_ns)
     return out
-
-
-@pytest.fixture
-async def svc() -> AsyncIterator[FileService]:
-    service = FileService()
-    await service.start()
-    yield service
-    await service.stop()
 
 
 @pytest.fixture

@@ -14,11 +14,7 @@ from gpud.api.keys import MODEL_STORE
 from gpud.api.routes_models import add_model_routes
 from gpud.errors import ErrorKind, GpudError
 from gpud.modelstore import ModelStore
-
-try:
-    from tests.fileservice import FileService
-except ImportError:  # tests/ is not a package here: pytest put tests/ itself on sys.path
-    from fileservice import FileService  # type: ignore[no-redef]
+from tests.fileservice import FileService
 
 STATUS = {ErrorKind.INVALID: 400, ErrorKind.NOT_FOUND: 404, ErrorKind.CONFLICT: 409, ErrorKind.UNAVAILABLE: 503}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
