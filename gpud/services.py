@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpud import worker
 from gpud.config import Settings
 from gpud.gpus import GpuInventory, open_inventory
 from gpud.metrics import Metrics
@@ -23,12 +22,10 @@ from gpud.session_worker import install_sdk
 from gpud.sessions import SessionRegistry
 from gpud.tasks import TaskRegistry
 from gpud.taskservice import TaskService
+from gpud.worker import sdk_source_path
 
 if TYPE_CHECKING:
     from gpud.daemon import Reloader
-
-# The stdlib-only worker SDK; gpud mounts this file read-only into every session container.
-SDK_FILE = Path(worker.__file__).with_name("sdk.py")
 
 
 @dataclass
@@ -87,7 +84,7 @@ def _prepare_state_dir(state_dir: Path) -> None:
         # Workers run as another user and must reach their own socket/input directories below these.
         (state_dir / sub).chmod(0o711)
     state_dir.chmod(0o711)
-    install_sdk(SDK_FILE, state_dir / "sdk")
+    install_sdk(sdk_source_path(), state_dir / "sdk")
 
 
 def create_services(settings: Settings, nvml: Any = None) -> Services:

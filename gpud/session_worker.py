@@ -17,14 +17,9 @@ from gpud.runtime.base import ContainerNotFound, ContainerRuntime, ExitStatus, L
 from gpud.runtime.spec import build_spec
 from gpud.scheduler import Lease
 from gpud.tasks import ERROR_TAIL_LINES, Task
+from gpud.worker import session_worker_env
 from gpud.worker.channel import ReadyInfo, WorkerChannel, WorkerError
-from gpud.worker.protocol import (
-    CONTAINER_SDK_DIR,
-    CONTAINER_SDK_PATH,
-    CONTAINER_SOCKET_DIR,
-    CONTAINER_SOCKET_PATH,
-    ENV_SOCKET,
-)
+from gpud.worker.protocol import CONTAINER_SDK_DIR, CONTAINER_SDK_PATH, CONTAINER_SOCKET_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +36,6 @@ def install_sdk(source: Path, sdk_dir: Path) -> None:
 
 
 STOP_GRACE_SECONDS = 5.0
-
-
-def _pythonpath(preset: Preset) -> str:
-    """The SDK's directory first, then any PYTHONPATH the preset sets for its own code."""
-    own = preset.env.get("PYTHONPATH")
-    return f"{CONTAINER_SDK_DIR}:{own}" if own else CONTAINER_SDK_DIR
 
 
 class WorkerCrashed(Exception):
@@ -120,7 +109,7 @@ class SessionWorker:
                 Mount(str(self._socket_dir), CONTAINER_SOCKET_DIR, read_only=False),
                 Mount(str(self._sdk_dir), CONTAINER_SDK_DIR, read_only=True),
             ],
-            env={ENV_SOCKET: CONTAINER_SOCKET_PATH, "PYTHONPATH": _pythonpath(self._preset)},
+            env=session_worker_env(self._preset.env.get("PYTHONPATH")),
             stop_grace_seconds=STOP_GRACE_SECONDS,
         )
         self.container_id = await self._runtime.run(spec)

@@ -16,13 +16,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-from gpud.runtime.base import ContainerRuntime, ContainerSpec, ImageNotAllowed, ProgressCallback
+from gpud.runtime.base import ImageNotAllowed, ProgressCallback
 
 logger = logging.getLogger(__name__)
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
-__all__ = ["ImageEnsurer", "ImageNotAllowed", "ImagePolicy", "normalize_reference", "run_allowed"]
+__all__ = ["ImageEnsurer", "ImageNotAllowed", "ImagePolicy", "normalize_reference"]
 
 
 def normalize_reference(image: str) -> str:
@@ -138,15 +138,3 @@ class ImageEnsurer:
                     await result
             except Exception:  # a listener's failure must not fail the pull others share
                 logger.exception("image progress listener failed for %s", image)
-
-
-async def run_allowed(
-    runtime: ContainerRuntime,
-    policy: ImagePolicy,
-    spec: ContainerSpec,
-    progress: ProgressCallback | None = None,
-) -> str:
-    """Check the allowlist (before anything exists), make the image present, then create and start."""
-    policy.check(spec.image)
-    await runtime.ensure_image(spec.image, progress)
-    return await runtime.run(spec)

@@ -18,9 +18,11 @@ def sdk_source_path() -> Path:
     return Path(__file__).with_name("sdk.py")
 
 
-def session_worker_env() -> dict[str, str]:
-    """Environment a session container needs to find gpud's socket and import gpud_worker."""
-    return {ENV_SOCKET: CONTAINER_SOCKET_PATH, "PYTHONPATH": CONTAINER_SDK_DIR}
+def session_worker_env(own_pythonpath: str | None = None) -> dict[str, str]:
+    """Environment a session container needs to find gpud's socket and import gpud_worker; the SDK's directory
+    comes first on PYTHONPATH, then `own_pythonpath` (the preset's) when given."""
+    pythonpath = f"{CONTAINER_SDK_DIR}:{own_pythonpath}" if own_pythonpath else CONTAINER_SDK_DIR
+    return {ENV_SOCKET: CONTAINER_SOCKET_PATH, "PYTHONPATH": pythonpath}
 
 
 __all__ = [

@@ -24,10 +24,17 @@ from gpud.runtime.base import (
     LogLine,
     Stream,
 )
-from gpud.runtime.images import ImagePolicy, run_allowed
+from gpud.runtime.images import ImagePolicy
 
 MakeSpec = Callable[..., ContainerSpec]
 TEST_RUN_LABEL = "gpud.test_run"  # set on every test container by conftest's make_spec
+
+
+async def run_allowed(runtime: ContainerRuntime, policy: ImagePolicy, spec: ContainerSpec) -> str:
+    """What gpud does before a worker exists: check the allowlist, make the image present, then run."""
+    policy.check(spec.image)
+    await runtime.ensure_image(spec.image)
+    return await runtime.run(spec)
 
 
 def require(runtime: ContainerRuntime, capability: Capability) -> None:

@@ -179,8 +179,7 @@ def test_runtime_registry() -> None:
 
 
 def test_session_worker_pythonpath_puts_the_sdk_first_and_keeps_the_presets() -> None:
-    from gpud.session_worker import _pythonpath
+    from gpud.worker import session_worker_env
 
-    assert _pythonpath(Preset(model_id="m", name="p", image="i")) == "/opt/gpud/lib"
-    preset = Preset(model_id="m", name="p", image="i", env={"PYTHONPATH": "/app/src"})
-    assert _pythonpath(preset) == "/opt/gpud/lib:/app/src"
+    assert session_worker_env()["PYTHONPATH"] == "/opt/gpud/lib"
+    assert session_worker_env("/app/src")["PYTHONPATH"] == "/opt/gpud/lib:/app/src"
