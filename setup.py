@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["gpud", "gpud.*", "gpuctl", "gpuctl.*"]),
-    package_data={"gpud": ["defaults/*.yaml", "py.typed"], "gpuctl": ["py.typed"]},
+    package_data={"gpud": ["settings/defaults/*.yaml", "py.typed"], "gpuctl": ["py.typed"]},
     install_requires=[
         "aiohttp>=3.9",
         "aiohttp-sse>=2.2",

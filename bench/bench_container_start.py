@@ -19,9 +19,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from gpud.presets import Limits
 from gpud.runtime import make_runtime
 from gpud.runtime.base import ContainerRuntime, ContainerSpec
+from gpud.settings.presets import Limits
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("GPUD_TEST_WORKER_IMAGE", "gpud-worker-python:latest")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from gpud.modelstore import ModelStore
-from gpud.presets import parse_size
+from gpud.settings.presets import parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_ID = "bench-model"

@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from gpud.api.sse import format_event, stream_task_events
-from gpud.events import EventType, TaskEventLog
+from gpud.work.events import EventType, TaskEventLog
 
 ROUNDS = 3
 LIVE_CHUNK = 50  # events appended per producer step in the live scenario

@@ -9,8 +9,10 @@ from typing import Any
 
 import click
 
-from gpud import __version__, config
+from gpud import __version__
 from gpud.errors import ConfigError
+from gpud.settings import Settings
+from gpud.settings import load as load_settings
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -44,9 +46,10 @@ def run(config_file: Path | None, dev: bool, **flags: Any) -> None:
     """Run the daemon in the foreground (systemd supervises it; it never daemonizes itself)."""
     import os
 
-    from gpud import logs
-    from gpud.daemon import Daemon, LoadRequest
-    from gpud.listeners import AlreadyRunning
+    from gpud.daemon import logs
+    from gpud.daemon.listeners import AlreadyRunning
+    from gpud.daemon.reload import LoadRequest
+    from gpud.daemon.run import Daemon
 
     request = LoadRequest(config_file=config_file, flags=flags, dev=dev, environ=dict(os.environ))
     settings = _load_or_exit(request.load)
@@ -67,9 +70,9 @@ def run(config_file: Path | None, dev: bool, **flags: Any) -> None:
 @DEV_OPTION
 def check_config(config_file: Path | None, dev: bool) -> None:
     """Validate settings and the presets file; print one line per problem."""
-    from gpud.presets import load_presets
+    from gpud.settings.presets import load_presets
 
-    settings = _load_or_exit(lambda: config.load(config_file, dev=dev))
+    settings = _load_or_exit(lambda: load_settings(config_file, dev=dev))
     try:
         catalog = load_presets(settings.presets_file)
     except ConfigError as exc:
@@ -79,15 +82,30 @@ def check_config(config_file: Path | None, dev: bool) -> None:
     click.echo(f"configuration OK ({source}); {len(catalog.all())} preset(s) in {catalog.source}")
 
 
+@cli.command("settings")
+@click.option("--markdown", is_flag=True, help="The README's reference table.")
+def settings_reference(markdown: bool) -> None:
+    """List every setting: environment name, YAML key, default, whether reload applies it, meaning."""
+    from gpud.settings import SPECS
+    from gpud.settings.reference import markdown_table, shown_default
+
+    if markdown:
+        click.echo(markdown_table())
+        return
+    for name, spec in SPECS.items():
+        reload = "live" if spec.reloadable else "restart"
+        click.echo(f"{spec.env[0]:<32} {name:<30} {reload:<8} default {shown_default(name)}")
+
+
 @cli.command()
 def version() -> None:
     """Print the version."""
     click.echo(__version__)
 
 
-def _load_or_exit(load: Any) -> config.Settings:
+def _load_or_exit(load: Any) -> Settings:
     try:
-        settings: config.Settings = load()
+        settings: Settings = load()
     except ConfigError as exc:
         _print_problems(exc)
         sys.exit(2)

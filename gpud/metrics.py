@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter as Tally
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from gpud import __version__
 
-if TYPE_CHECKING:
-    from gpud.gpus import GpuInventory
-    from gpud.scheduler import Scheduler
-    from gpud.sessions import SessionRegistry
-    from gpud.tasks import TaskRegistry
-
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-
-
-class StateSource(Protocol):
-    """What the state collector reads (the daemon's Services satisfies it)."""
-
-    @property
-    def inventory(self) -> GpuInventory: ...
-
-    @property
-    def scheduler(self) -> Scheduler: ...
-
-    def task_registry(self) -> TaskRegistry: ...
-
-    def session_registry(self) -> SessionRegistry: ...
 
 
 class Metrics:
@@ -69,62 +45,11 @@ class Metrics:
             "gpud_reloads_total", "Configuration reloads by result", ["result"], registry=self.registry
         )
 
-    def watch(self, state: StateSource) -> None:
-        """Export gauges read from live state at each scrape (GPUs, leases, sessions, tasks): nothing to keep
-        in sync, the numbers are derived from the same objects the API reports."""
-        self.registry.register(StateCollector(state))
+    def watch(self, collector: Collector) -> None:
+        """Export what a collector reads from live state at each scrape (gauges derived from the same objects
+        the API reports: nothing to keep in sync)."""
+        self.registry.register(collector)
 
     def render(self) -> bytes:
         """The exposition text for /metrics."""
         return generate_latest(self.registry)
-
-
-class StateCollector:
-    """Gauges computed at scrape time from the daemon's live objects."""
-
-    def __init__(self, state: StateSource) -> None:
-        self._state = state
-
-    def describe(self) -> list[Metric]:
-        """No fixed description: the families are produced per scrape."""
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        """GPU lease/drain and NVML samples, sessions by state, tasks by status, queued tasks."""
-        yield from self._gpus()
-        sessions = GaugeMetricFamily("gpud_sessions", "Known sessions by state", labels=["state"])
-        for state, count in sorted(Tally(s.state.value for s in self._state.session_registry().all()).items()):
-            sessions.add_metric([state], count)
-        yield sessions
-        tasks = GaugeMetricFamily("gpud_tasks", "Known tasks (active and retained) by status", labels=["status"])
-        for status, count in sorted(Tally(t.status.value for t in self._state.task_registry().all()).items()):
-            tasks.add_metric([status], count)
-        yield tasks
-        queued = sum(len(s.queue) for s in self._state.session_registry().live())
-        yield GaugeMetricFamily("gpud_session_queued_tasks", "Tasks waiting in session queues", value=queued)
-
-    def _gpus(self) -> Iterator[Metric]:
-        labels = ["gpu", "uuid", "difficulty"]
-        leased = GaugeMetricFamily("gpud_gpu_leased", "1 when the GPU is leased", labels=labels)
-        drained = GaugeMetricFamily("gpud_gpu_drained", "1 when the GPU takes no new leases", labels=labels)
-        memory = GaugeMetricFamily("gpud_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=labels)
-        total = GaugeMetricFamily("gpud_gpu_memory_total_bytes", "GPU memory (NVML)", labels=labels)
-        util = GaugeMetricFamily("gpud_gpu_utilization_percent", "GPU utilisation (NVML)", labels=labels)
-        temp = GaugeMetricFamily("gpud_gpu_temperature_celsius", "GPU temperature (NVML)", labels=labels)
-        scheduler = self._state.scheduler
-        for gpu in self._state.inventory.gpus:
-            values = [str(gpu.index), gpu.uuid, gpu.difficulty]
-            leased.add_metric(values, 1 if scheduler.lease_of(gpu.index) else 0)
-            drained.add_metric(values, 1 if scheduler.is_drained(gpu.index) else 0)
-            sample = self._state.inventory.sample(gpu.index)
-            if sample is None or sample.error:
-                continue
-            for family, value in (
-                (memory, sample.memory_used_bytes),
-                (total, sample.memory_total_bytes),
-                (util, sample.utilization_percent),
-                (temp, sample.temperature_c),
-            ):
-                if value is not None:
-                    family.add_metric(values, value)
-        yield from (leased, drained, memory, total, util, temp)

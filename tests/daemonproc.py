@@ -61,7 +61,7 @@ class DaemonProcess:
             "GPUD_ADMIN_SOCKET": str(self.admin_socket),
             "GPUD_STATE_DIR": str(tmp / "state"),
             "MODEL_CACHE_DIR": str(tmp / "models"),
-            "GPUD_PRESETS_FILE": str(REPO / "gpud" / "defaults" / "models.yaml"),
+            "GPUD_PRESETS_FILE": str(REPO / "gpud" / "settings" / "defaults" / "models.yaml"),
             "INTERNAL_API_KEY": "test-key",
             "NOTIFY_SOCKET": str(self.notify_path),
             "GPUD_RUNTIME": "process",

@@ -2,29 +2,63 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from gpud.api.keys import MODEL_STORE, SERVICES
+from gpud.api import keys
 from gpud.api.middleware import api_key_middleware, error_middleware, metrics_middleware, peer_middleware
 from gpud.api.peercred import PeerPolicy
-from gpud.api.routes_admin import add_admin_routes
-from gpud.api.routes_health import add_health_routes
-from gpud.api.routes_logs import add_log_routes
-from gpud.api.routes_models import add_model_routes
-from gpud.api.routes_presets import add_preset_routes
-from gpud.api.routes_sessions import add_session_routes
-from gpud.api.routes_tasks import add_task_routes
-from gpud.services import Services
+from gpud.api.routes.admin import add_admin_routes
+from gpud.api.routes.health import add_health_routes
+from gpud.api.routes.logs import add_log_routes
+from gpud.api.routes.models import add_model_routes
+from gpud.api.routes.presets import add_preset_routes
+from gpud.api.routes.sessions import add_session_routes
+from gpud.api.routes.tasks import add_task_routes
+from gpud.gpu.inventory import GpuInventory
+from gpud.gpu.scheduler import Scheduler
+from gpud.metrics import Metrics
+from gpud.modelstore import ModelStore
+from gpud.runtime.base import ContainerRuntime
+from gpud.settings import LiveConfig
+from gpud.work.service import TaskService
+from gpud.work.sessions.manager import SessionManager
 
 
-def _shared_app(services: Services, name: str, auth: Middleware) -> web.Application:
+@dataclass(frozen=True)
+class AppServices:
+    """Everything the apps serve from; each part goes under its own app key."""
+
+    config: LiveConfig
+    inventory: GpuInventory
+    scheduler: Scheduler
+    runtime: ContainerRuntime
+    models: ModelStore
+    tasks: TaskService
+    sessions: SessionManager
+    metrics: Metrics
+    started: keys.ProcessStart
+    reload: keys.ReloadFunction | None = None
+
+
+def _shared_app(services: AppServices, name: str, auth: Middleware) -> web.Application:
     """An app with the routes both sockets serve; `auth` decides who may call it."""
     app = web.Application(
         middlewares=[metrics_middleware(name), error_middleware, auth],
-        client_max_size=services.settings.max_request_bytes,
+        client_max_size=services.config.settings.max_request_bytes,
     )
-    app[SERVICES] = services
+    app[keys.CONFIG] = services.config
+    app[keys.INVENTORY] = services.inventory
+    app[keys.SCHEDULER] = services.scheduler
+    app[keys.RUNTIME] = services.runtime
+    app[keys.MODEL_STORE] = services.models
+    app[keys.TASKS] = services.tasks
+    app[keys.SESSIONS] = services.sessions
+    app[keys.METRICS] = services.metrics
+    app[keys.STARTED] = services.started
+    app[keys.RELOAD] = services.reload
     add_health_routes(app)
     add_preset_routes(app)
     add_task_routes(app)
@@ -32,16 +66,15 @@ def _shared_app(services: Services, name: str, auth: Middleware) -> web.Applicat
     return app
 
 
-def make_public_app(services: Services) -> web.Application:
+def make_public_app(services: AppServices) -> web.Application:
     """The TCP app: tasks, sessions, health and metrics, behind X-API-Key."""
     return _shared_app(services, "public", api_key_middleware)
 
 
-def make_admin_app(services: Services, policy: PeerPolicy) -> web.Application:
+def make_admin_app(services: AppServices, policy: PeerPolicy) -> web.Application:
     """The Unix-socket app: everything public plus operator routes; the peer's credentials are the auth."""
     app = _shared_app(services, "admin", peer_middleware(policy))
     add_admin_routes(app)
     add_log_routes(app)
-    app[MODEL_STORE] = services.models
     add_model_routes(app)
     return app

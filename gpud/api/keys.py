@@ -1,16 +1,41 @@
-"""Typed keys under which the daemon's services sit on the aiohttp applications."""
+"""Typed keys under which each service sits on the aiohttp applications: a route takes only what it uses."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from gpud.modelstore import ModelStore
-    from gpud.services import Services
+from gpud.gpu.inventory import GpuInventory
+from gpud.gpu.scheduler import Scheduler
+from gpud.metrics import Metrics
+from gpud.modelstore import ModelStore
+from gpud.runtime.base import ContainerRuntime
+from gpud.settings import LiveConfig
+from gpud.work.service import TaskService
+from gpud.work.sessions.manager import SessionManager
 
-# The composition root's bundle of every service; routes take what they need from it.
-SERVICES: web.AppKey[Services] = web.AppKey("services")
-# The model store on its own, so model routes need nothing else.
-MODEL_STORE: web.AppKey[ModelStore] = web.AppKey("model_store")
+# Re-reads settings and presets and answers with what changed (the daemon's reload; absent in test stacks).
+ReloadFunction = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class ProcessStart:
+    """When the daemon started: epoch seconds for reports, a monotonic reading for uptime."""
+
+    wall: float
+    monotonic: float
+
+
+CONFIG: web.AppKey[LiveConfig] = web.AppKey("config", LiveConfig)
+INVENTORY: web.AppKey[GpuInventory] = web.AppKey("inventory", GpuInventory)
+SCHEDULER: web.AppKey[Scheduler] = web.AppKey("scheduler", Scheduler)
+RUNTIME: web.AppKey[ContainerRuntime] = web.AppKey("runtime", ContainerRuntime)
+MODEL_STORE: web.AppKey[ModelStore] = web.AppKey("model_store", ModelStore)
+TASKS: web.AppKey[TaskService] = web.AppKey("tasks", TaskService)
+SESSIONS: web.AppKey[SessionManager] = web.AppKey("sessions", SessionManager)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+STARTED: web.AppKey[ProcessStart] = web.AppKey("started", ProcessStart)
+RELOAD: web.AppKey[ReloadFunction | None] = web.AppKey("reload")

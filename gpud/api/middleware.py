@@ -10,8 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from gpud.api import errors
-from gpud.api.keys import SERVICES
+from gpud.api import errors, keys
 from gpud.api.peercred import PeerPolicy, peer_credentials
 from gpud.errors import GpudError
 
@@ -55,7 +54,7 @@ def key_is_valid(candidate: str | None, keys: Iterable[str]) -> bool:
 @web.middleware
 async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Require X-API-Key on the public app, except /health (and /metrics when configured public)."""
-    settings = request.app[SERVICES].settings
+    settings = request.app[keys.CONFIG].settings
     open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_public else set())
     if request.path not in open_paths and not key_is_valid(request.headers.get("X-API-Key"), settings.internal_api_key):
         return errors.error_response(401, "unauthorized", "missing or invalid API key (X-API-Key)")
@@ -86,7 +85,7 @@ def metrics_middleware(app_name: str) -> Middleware:
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        metrics = request.app[SERVICES].metrics
+        metrics = request.app[keys.METRICS]
         started = time.perf_counter()
         status = 500
         try:

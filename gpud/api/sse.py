@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from gpud.errors import InvalidRequest
-from gpud.events import Event, Subscription, TaskEventLog
+from gpud.work.events import Event, Subscription, TaskEventLog
 
 logger = logging.getLogger(__name__)
 

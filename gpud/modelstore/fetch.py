@@ -216,7 +216,7 @@ class FileServiceClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | None,
         key: str | None,
         *,
         key_header: str,
@@ -225,10 +225,9 @@ class FileServiceClient:
         backoff: float,
         chunk_size: int = CHUNK_SIZE,
     ) -> None:
-        self._url = base_url.rstrip("/") + DOWNLOAD_PATH
-        self._headers = {"Accept-Encoding": "identity"}
-        if key:
-            self._headers[key_header] = key
+        self._url = ""
+        self._headers: dict[str, str] = {}
+        self.retarget(base_url, key, key_header)
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
         self._retries = retries
         self._backoff = backoff
@@ -236,6 +235,18 @@ class FileServiceClient:
         self._depth = WRITE_QUEUE_DEPTH
         self._session: aiohttp.ClientSession | None = None
         self._start_writeback = _load_sync_file_range()
+
+    @property
+    def configured(self) -> bool:
+        """Whether a file service URL is set."""
+        return bool(self._url)
+
+    def retarget(self, base_url: str | None, key: str | None, key_header: str) -> None:
+        """Use another file service or key from the next request on (reload); a request under way keeps its own."""
+        self._url = base_url.rstrip("/") + DOWNLOAD_PATH if base_url else ""
+        self._headers = {"Accept-Encoding": "identity"}
+        if key:
+            self._headers[key_header] = key
 
     async def open(self) -> None:
         """Open the HTTP session (large read buffer: fewer wakeups per GiB)."""
@@ -269,7 +280,8 @@ class FileServiceClient:
     async def _attempt(self, model_id: str, dest: Path, progress: ByteProgress, max_bytes: int | None) -> Download:
         """One request; every failure is turned into a FetchError that says why."""
         if self._session is None:
-            raise RuntimeError("FileServiceClient.open() was not called")
+            await self.open()
+        assert self._session is not None
         try:
             async with self._session.post(self._url, json={"model_id": model_id}, headers=self._headers) as resp:
                 await self._check_status(resp)

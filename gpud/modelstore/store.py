@@ -66,17 +66,13 @@ class ModelStore:
         self.auto_fetch = auto_fetch
         self.max_bytes = max_bytes
         self.max_archive_bytes = max_archive_bytes
-        self._client = (
-            FileServiceClient(
-                file_service_url,
-                internal_key,
-                key_header=key_header,
-                timeout=request_timeout,
-                retries=retries,
-                backoff=retry_backoff,
-            )
-            if file_service_url
-            else None
+        self._client = FileServiceClient(
+            file_service_url,
+            internal_key,
+            key_header=key_header,
+            timeout=request_timeout,
+            retries=retries,
+            backoff=retry_backoff,
         )
         self._flights: dict[str, _Flight] = {}
         self._holders: dict[str, set[str]] = {}
@@ -85,13 +81,18 @@ class ModelStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
+    def configure(
+        self, *, file_service_url: str | None, internal_key: str | None, key_header: str, auto_fetch: bool
+    ) -> None:
+        """Apply reloaded fetch settings: the next fetch uses them; one already running finishes as it began."""
+        self.auto_fetch = auto_fetch
+        self._client.retarget(file_service_url, internal_key, key_header)
+
     async def start(self) -> None:
-        """Create the cache dir, delete temporaries left by a crash, open the HTTP session."""
+        """Create the cache dir and delete temporaries left by a crash (the HTTP session opens on first use)."""
         removed = await self._run(disk.clean_temporaries, self.cache_dir)
         if removed:
             logger.info("model cache: removed %d leftover temporaries: %s", len(removed), ", ".join(removed))
-        if self._client is not None:
-            await self._client.open()
 
     async def close(self) -> None:
         """Cancel fetches in progress (their temporaries are removed) and close the HTTP session."""
@@ -99,8 +100,7 @@ class ModelStore:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._client.close()
+        await self._client.close()
 
     def path_for(self, model_id: str) -> Path:
         """The model's directory (validated; raises InvalidRequest for any unsafe id)."""
@@ -145,7 +145,7 @@ class ModelStore:
         """Start the model's fetch or join the one running; every joiner gets every progress update."""
         flight = self._flights.get(model_id)
         if flight is None:
-            if self._client is None:
+            if not self._client.configured:
                 raise Unavailable(
                     f"model {model_id!r} is not cached and no FILE_SERVICE_URL is configured",
                     code="model_fetch_failed",
@@ -207,7 +207,6 @@ class ModelStore:
 
     async def _fetch_into(self, flight: _Flight, tmp: Path) -> None:
         model_id = flight.model_id
-        assert self._client is not None
         caps = [c for c in (self.max_bytes, self.max_archive_bytes) if c is not None]
 
         def on_bytes(done: int, total: int | None) -> None:

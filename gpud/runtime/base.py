@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from gpud.errors import Forbidden, GpudError, NotFound, Unavailable
-from gpud.presets import Limits
+from gpud.errors import GpudError, NotFound, Unavailable
+from gpud.settings.presets import Limits
 
 DEFAULT_USER = "65534:65534"
 TMPFS_PATH = "/tmp"
@@ -192,12 +192,6 @@ class ImageUnavailable(Unavailable):
             f"image {image!r} is not present in {engine} and could not be pulled: {reason}. "
             f"Build and import it with scripts/build-images.sh, or load it with `{engine} load`."
         )
-
-
-class ImageNotAllowed(Forbidden):
-    """A preset names an image that ALLOWED_DOCKER_IMAGES does not allow."""
-
-    code = "image_not_allowed"
 
 
 class ContainerFailed(GpudError):

@@ -38,8 +38,9 @@ from gpud.runtime.base import (
     Stream,
     parse_timestamp,
 )
-from gpud.runtime.images import ImageEnsurer, normalize_reference
+from gpud.runtime.images import ImageEnsurer
 from gpud.runtime.logsplit import FRAME_HEADER, LineSplitter, parse_header
+from gpud.settings.images import normalize_reference
 
 logger = logging.getLogger(__name__)
 

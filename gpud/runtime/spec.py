@@ -6,7 +6,6 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from gpud.presets import Preset
 from gpud.runtime.base import (
     DEFAULT_USER,
     LABEL_GPU,
@@ -20,6 +19,7 @@ from gpud.runtime.base import (
     GpuDevice,
     Mount,
 )
+from gpud.settings.presets import Preset
 
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
 

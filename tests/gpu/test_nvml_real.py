@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from gpud.gpus import open_inventory
-from gpud.scheduler import Scheduler
+from gpud.gpu.inventory import open_inventory
+from gpud.gpu.scheduler import Scheduler
 
 pynvml = pytest.importorskip("pynvml")
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from gpud.presets import Limits, Preset
 from gpud.runtime import make_runtime
 from gpud.runtime.base import Capability, ContainerRuntime, ContainerSpec, GpuDevice, ImageUnavailable
 from gpud.runtime.spec import build_spec
+from gpud.settings.presets import Limits, Preset
 
 WORKER_IMAGE = os.environ.get("GPUD_TEST_WORKER_IMAGE", "gpud-worker-python:latest")
 SOCKET_ENV = {"podman": "GPUD_TEST_PODMAN_SOCKET", "docker": "GPUD_TEST_DOCKER_SOCKET"}

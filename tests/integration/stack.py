@@ -19,10 +19,10 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gpud import config
+from gpud import settings as config
 from gpud.api.app import make_public_app
+from gpud.daemon.services import Services, create_services
 from gpud.runtime.base import LABEL_MODEL
-from gpud.services import Services, create_services
 from tests.integration.conftest import SOCKET_ENV, WORKER_IMAGE, engine_socket, open_runtime
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,7 +167,7 @@ async def open_stack(runtime_name: str, env: dict[str, str] | None = None) -> St
     settings = config.load(None, environ={k: v for k, v in environ.items() if v})
     services = create_services(settings)
     await services.start()
-    app: web.Application = make_public_app(services)
+    app: web.Application = make_public_app(services.for_api())
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     session = aiohttp.ClientSession()

@@ -84,7 +84,7 @@ async def test_metrics_with_key(stack: Stack) -> None:
 async def test_unexpected_error_is_a_logged_500_without_traceback(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = make_public_app(stack.services)
+    app = make_public_app(stack.services.for_api())
 
     async def boom(request: web.Request) -> web.Response:
         raise RuntimeError("secret internals")

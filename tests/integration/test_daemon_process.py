@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemonproc import DaemonProcess
+from tests.daemonproc import REPO, DaemonProcess
 
 
 def test_ready_status_watchdog_and_clean_sigterm(daemon_factory: type[DaemonProcess]) -> None:
@@ -157,7 +157,7 @@ def test_journal_stream_gives_priority_prefixes(daemon_factory: type[DaemonProce
     daemon.wait()
     lines = [line for line in daemon.log.splitlines() if line]
     assert lines and all(line.startswith("<") for line in lines)
-    assert any(line.startswith("<6>gpud.daemon: gpud") for line in lines)
+    assert any(line.startswith("<6>gpud.daemon.run: gpud") for line in lines)
 
 
 def test_bad_configuration_exits_non_zero_with_the_problem(daemon_factory: type[DaemonProcess]) -> None:
@@ -231,7 +231,7 @@ def test_socket_activation_serves_on_the_sockets_systemd_passes(tmp_path: Path) 
         "GPUD_STATE_DIR": str(tmp_path / "state"),
         "GPUD_ADMIN_SOCKET": str(tmp_path / "not-used" / "gpud.sock"),
         "GPUD_HTTP_LISTEN": "127.0.0.1:1",  # not where the test connects: /health below goes through the passed socket
-        "GPUD_PRESETS_FILE": str(Path(__file__).resolve().parents[2] / "gpud" / "defaults" / "models.yaml"),
+        "GPUD_PRESETS_FILE": str(REPO / "gpud" / "settings" / "defaults" / "models.yaml"),
     }
     # LISTEN_PID must be the daemon's own pid: the shell exports its pid, then execs gpud in its place.
     proc = subprocess.Popen(

@@ -19,12 +19,11 @@ from gpud.runtime.base import (
     ContainerSpec,
     ContainerState,
     ExitStatus,
-    ImageNotAllowed,
     ImageUnavailable,
     LogLine,
     Stream,
 )
-from gpud.runtime.images import ImagePolicy
+from gpud.settings.images import ImageNotAllowed, ImagePolicy
 
 MakeSpec = Callable[..., ContainerSpec]
 TEST_RUN_LABEL = "gpud.test_run"  # set on every test container by conftest's make_spec

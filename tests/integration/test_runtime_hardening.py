@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from gpud.errors import ErrorKind
-from gpud.presets import Limits, Preset
 from gpud.runtime import make_runtime
 from gpud.runtime.base import ContainerRuntime, ContainerSpec, EngineUnavailable, GpuDevice, Mount, Stream
 from gpud.runtime.spec import build_spec
+from gpud.settings.presets import Limits, Preset
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1024**2

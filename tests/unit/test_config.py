@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpud import config
+from gpud import settings as config
 from gpud.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ def test_original_design_names_work_as_environment_variables(tmp_path: Path) -> 
     assert s.internal_api_key == ("k1", "k2")
     assert s.auto_fetch_models is False
     assert s.model_cache_dir == tmp_path / "models"
-    assert s.allowed_docker_images == ("llm-runner:*", "diffusion-runner:latest")
+    assert s.allowed_docker_images.patterns == ("llm-runner:*", "diffusion-runner:latest")
     assert (s.default_task_timeout, s.max_task_timeout, s.gpu_metrics_refresh_interval) == (120, 600, 2.5)
 
 
@@ -199,4 +199,4 @@ def test_shipped_example_configuration_is_valid() -> None:
 
 def test_dev_mode_allows_the_example_image() -> None:
     s = config.load(None, environ={}, dev=True)
-    assert "gpud-worker-python:*" in s.allowed_docker_images
+    assert s.allowed_docker_images.allows("gpud-worker-python:latest")

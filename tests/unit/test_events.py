@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gpud.events import Event, EventType, TaskEventLog
+from gpud.work.events import Event, EventType, TaskEventLog
 
 
 def delta(log: TaskEventLog, text: str) -> Event | None:

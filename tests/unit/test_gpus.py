@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from gpud.errors import ConfigError, Unavailable
-from gpud.gpus import open_inventory
-from gpud.scheduler import Scheduler
+from gpud.gpu.inventory import open_inventory
+from gpud.gpu.scheduler import Scheduler
 
 
 class NVMLError(Exception):
@@ -148,21 +148,14 @@ def test_no_gpu_with_that_difficulty() -> None:
 
 
 def test_nvml_samples_reach_the_metrics() -> None:
-    from types import SimpleNamespace
-
+    from gpud.daemon.state_metrics import StateCollector
     from gpud.metrics import Metrics
-    from gpud.sessions import SessionRegistry
-    from gpud.tasks import TaskRegistry
+    from gpud.work.sessions.record import SessionRegistry
+    from gpud.work.task import TaskRegistry
 
     inventory = open_inventory("nvml", (), {0: "high"}, nvml=FakeNvml(count=1))
-    state = SimpleNamespace(
-        inventory=inventory,
-        scheduler=Scheduler(inventory),
-        task_registry=lambda: TaskRegistry(lambda: 60.0),
-        session_registry=SessionRegistry,
-    )
     metrics = Metrics()
-    metrics.watch(state)  # type: ignore[arg-type]
+    metrics.watch(StateCollector(inventory, Scheduler(inventory), TaskRegistry(lambda: 60.0), SessionRegistry()))
     text = metrics.render().decode()
     labels = '{difficulty="high",gpu="0",uuid="GPU-0000-0"}'
     assert f"gpud_gpu_utilization_percent{labels} 40.0" in text

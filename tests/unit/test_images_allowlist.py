@@ -8,7 +8,8 @@ import pytest
 
 from gpud.errors import ErrorKind
 from gpud.runtime.base import ImageUnavailable, ProgressCallback
-from gpud.runtime.images import ImageEnsurer, ImageNotAllowed, ImagePolicy, normalize_reference
+from gpud.runtime.images import ImageEnsurer
+from gpud.settings.images import ImageNotAllowed, ImagePolicy, normalize_reference
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER = "sha256:" + "cd" * 32

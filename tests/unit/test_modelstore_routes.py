@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gpud.api.keys import MODEL_STORE
-from gpud.api.routes_models import add_model_routes
+from gpud.api.routes.models import add_model_routes
 from gpud.errors import ErrorKind, GpudError
 from gpud.modelstore import ModelStore
 from tests.fileservice import FileService

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gpud.errors import ConfigError, NotFound
-from gpud.presets import load_presets, parse_size
+from gpud.settings.presets import load_presets, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ def test_original_form_loads_with_defaults_for_new_fields(presets_file: Path) ->
 
 
 def test_packaged_example_presets_are_valid() -> None:
-    catalog = load_presets(REPO / "gpud" / "defaults" / "models.yaml")
+    catalog = load_presets(REPO / "gpud" / "settings" / "defaults" / "models.yaml")
     assert {p.key for p in catalog.all()} >= {"demo-text/stream", "demo-text/oneoff"}
 
 
@@ -80,4 +80,4 @@ def test_parse_size_rejects(bad: object) -> None:
 def test_etc_presets_match_the_packaged_defaults() -> None:
     # etc/gpud/models.yaml is what operators copy; the package carries the same file for `gpud run --dev`.
     shipped = (REPO / "etc" / "gpud" / "models.yaml").read_text()
-    assert shipped == (REPO / "gpud" / "defaults" / "models.yaml").read_text()
+    assert shipped == (REPO / "gpud" / "settings" / "defaults" / "models.yaml").read_text()

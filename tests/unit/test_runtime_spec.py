@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from gpud.errors import InvalidRequest
-from gpud.presets import Limits, Preset
 from gpud.runtime import RUNTIMES, make_runtime
 from gpud.runtime.base import ContainerSpec, ContainerState, GpuDevice, LogLine, Mount, Stream, parse_timestamp
 from gpud.runtime.docker import docker_create_payload
@@ -13,6 +12,7 @@ from gpud.runtime.logsplit import LineSplitter
 from gpud.runtime.podman import podman_create_payload
 from gpud.runtime.process import host_path
 from gpud.runtime.spec import build_spec, container_name
+from gpud.settings.presets import Limits, Preset
 
 GIB = 1024**3
 PRESET = Preset(

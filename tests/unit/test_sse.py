@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from aiohttp_sse_client2 import client as sse_client
 
 from gpud.api.sse import open_event_stream, stream_task_events
-from gpud.events import EventType, TaskEventLog
+from gpud.work.events import EventType, TaskEventLog
 
 MULTILINE = "first line\nsecond line\r\nthird\rfourth\n\n: not a comment\ndata: not a field\n"
 

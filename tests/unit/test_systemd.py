@@ -7,7 +7,7 @@ import socket
 import threading
 from pathlib import Path
 
-from gpud.systemd import Notifier, listen_sockets
+from gpud.daemon.systemd import Notifier, listen_sockets
 
 
 def test_notifier_sends_lines_and_never_blocks_when_nobody_reads(tmp_path: Path) -> None:

@@ -8,23 +8,30 @@ import contextlib
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpud.errors import GpudError
-from gpud.events import EventType
-from gpud.modelstore import FetchProgress, ModelStore
-from gpud.runtime.base import ContainerRuntime, ExitStatus, GpuDevice, Mount, Stream
+from gpud.gpu.scheduler import Lease, Scheduler
+from gpud.modelstore import ModelStore
+from gpud.runtime.base import ContainerRuntime, ExitStatus, Mount, Stream
 from gpud.runtime.spec import build_spec
-from gpud.scheduler import Lease, Scheduler
-from gpud.tasks import ERROR_TAIL_LINES, CancelHook, Task, TaskError, TaskStatus, cancel_error
+from gpud.work.events import EventType
+from gpud.work.launch import (
+    STOP_GRACE_SECONDS,
+    gpu_device,
+    image_progress,
+    log_tail,
+    model_progress,
+    quote_tail,
+    timeout_error,
+)
+from gpud.work.task import CancelHook, Task, TaskError, TaskStatus, cancel_error
 
 logger = logging.getLogger(__name__)
 
 TASK_INPUT_DIR = "/run/gpud-task"
-# How long a stopped worker gets between SIGTERM and SIGKILL.
-STOP_GRACE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -34,29 +41,6 @@ class Outcome:
     status: TaskStatus
     error: TaskError | None = None
     exit_code: int | None = None
-
-
-def gpu_device(lease: Lease) -> GpuDevice:
-    """The runtime's view of a leased GPU: attach a device only for a real (NVML) GPU."""
-    return GpuDevice(gpu_id=str(lease.gpu.index), uuid=lease.gpu.uuid, attach=lease.gpu.real)
-
-
-def model_progress(task: Task) -> Callable[[FetchProgress], None]:
-    """A model-store progress callback that reports into the task's stream."""
-
-    def report(update: FetchProgress) -> None:
-        task.emit(EventType.WORKER, status="fetching_model", **update.to_dict())
-
-    return report
-
-
-def image_progress(task: Task) -> Callable[[str], None]:
-    """An image-pull progress callback that reports into the task's stream."""
-
-    def report(message: str) -> None:
-        task.emit(EventType.WORKER, status="pulling_image", image=task.preset.image, message=message)
-
-    return report
 
 
 class OneOffRunner:
@@ -115,7 +99,7 @@ class OneOffRunner:
     async def _supervise(self, task: Task, stopper: asyncio.Event) -> Outcome:
         """Pump output while waiting for exit, the timeout, or a cancel; then finish the task."""
         assert task.container_id is not None
-        tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
+        tail = log_tail()
         pump = asyncio.create_task(self._pump(task, tail))
         waiter = asyncio.create_task(self._runtime.wait(task.container_id))
         stop_wait = asyncio.create_task(stopper.wait())
@@ -128,7 +112,7 @@ class OneOffRunner:
                 await waiter
                 status = TaskStatus.CANCELLED if stopper.is_set() else TaskStatus.TIMEOUT
                 await _drain(pump)
-                error = _cancel_error(task) if stopper.is_set() else _timeout_error(task)
+                error = _cancel_error(task) if stopper.is_set() else timeout_error(task)
                 return Outcome(status, error)
             await _drain(pump)
             return _outcome_of_exit(task, waiter.result(), tail)
@@ -186,11 +170,7 @@ def _cancel_error(task: Task) -> TaskError:
     return cancel_error(task.cancel_reason or "cancelled")
 
 
-def _timeout_error(task: Task) -> TaskError:
-    return TaskError("timeout", f"task ran past its timeout of {task.request.timeout_seconds:g}s")
-
-
-def _outcome_of_exit(task: Task, status: ExitStatus, tail: collections.deque[str]) -> Outcome:
+def _outcome_of_exit(task: Task, status: ExitStatus, tail: Collection[str]) -> Outcome:
     if status.exit_code == 0 and not status.oom_killed:
         return Outcome(TaskStatus.COMPLETED, exit_code=0)
     if status.oom_killed:
@@ -199,6 +179,4 @@ def _outcome_of_exit(task: Task, status: ExitStatus, tail: collections.deque[str
     else:
         message = f"worker exited with code {status.exit_code}"
         code = "worker_failed"
-    if tail:
-        message += "; last log lines:\n" + "\n".join(tail)
-    return Outcome(TaskStatus.FAILED, TaskError(code, message), status.exit_code)
+    return Outcome(TaskStatus.FAILED, TaskError(code, message + quote_tail(tail)), status.exit_code)

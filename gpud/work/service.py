@@ -5,21 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
-from gpud.config import Settings
 from gpud.errors import Conflict, InvalidRequest, NotFound
+from gpud.gpu.scheduler import Scheduler
 from gpud.metrics import Metrics
 from gpud.modelstore import ModelStore
-from gpud.oneoff import OneOffRunner
-from gpud.presets import PresetCatalog
 from gpud.runtime.base import ContainerRuntime, EngineUnavailable
-from gpud.runtime.images import ImagePolicy
-from gpud.scheduler import Scheduler
-from gpud.session_manager import SessionManager
-from gpud.tasks import Task, TaskRegistry, new_id
-from gpud.taskspec import TaskRequest, TaskType
+from gpud.settings import LiveConfig
+from gpud.work.oneoff import OneOffRunner
+from gpud.work.request import TaskRequest, TaskType
+from gpud.work.sessions.manager import SessionManager
+from gpud.work.task import Task, TaskRegistry, new_id
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +29,7 @@ class TaskService:
 
     def __init__(
         self,
-        settings: Callable[[], Settings],
-        presets: Callable[[], PresetCatalog],
+        config: LiveConfig,
         runtime: ContainerRuntime,
         store: ModelStore,
         scheduler: Scheduler,
@@ -41,26 +37,26 @@ class TaskService:
         sessions: SessionManager,
         metrics: Metrics,
     ) -> None:
-        self._settings = settings
-        self._presets = presets
+        self._config = config
         self._runtime = runtime
         self._store = store
         self._scheduler = scheduler
         self._oneoff = oneoff
         self.sessions = sessions
         self._metrics = metrics
-        self.registry = TaskRegistry(lambda: self._settings().task_retention_seconds, on_finish=self._observe)
+        self.registry = TaskRegistry(lambda: config.settings.task_retention_seconds, on_finish=self._observe)
         self._runs: set[asyncio.Task[None]] = set()
 
     async def submit(self, request: TaskRequest) -> Task:
         """Validate against the host's state and start the task; raises the error a client should see."""
         if request.session_id is not None:
             return self._submit_to_session(request)
-        preset = self._presets().get(request.model_id, request.preset)
+        settings = self._config.settings
+        preset = self._config.presets.get(request.model_id, request.preset)
         expected = "oneoff" if request.task_type is TaskType.ONEOFF else "session"
         if preset.mode not in ("any", expected):
             raise InvalidRequest(f"preset {preset.key} runs as {preset.mode}, not {expected}", code="invalid_task_type")
-        ImagePolicy.parse(",".join(self._settings().allowed_docker_images)).check(preset.image)
+        settings.allowed_docker_images.check(preset.image)
         self._check_model(request.model_id)
         health = await self._runtime.health()
         if not health.ok:
@@ -97,7 +93,7 @@ class TaskService:
     def _check_model(self, model_id: str) -> None:
         """Bad ids are 400; a model that is absent with auto-fetch off is 404 before any GPU is leased."""
         path = self._store.path_for(model_id)
-        if not self._settings().auto_fetch_models and not path.is_dir():
+        if not self._config.settings.auto_fetch_models and not path.is_dir():
             raise NotFound(
                 f"model {model_id!r} is not in the cache and AUTO_FETCH_MODELS is off", code="model_not_cached"
             )
@@ -122,7 +118,7 @@ class TaskService:
         """Forever: cancel tasks whose clients are all gone past the grace period; forget old records."""
         while True:
             await asyncio.sleep(JANITOR_INTERVAL_SECONDS)
-            settings = self._settings()
+            settings = self._config.settings
             now = time.monotonic()
             for task in self.registry.active():
                 left = task.log.last_left_at

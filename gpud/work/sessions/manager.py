@@ -3,36 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from gpud.config import Settings
+from gpud.clock import Clock, SystemClock
 from gpud.errors import GpudError
-from gpud.events import EventType
+from gpud.gpu.scheduler import Lease, Scheduler
 from gpud.modelstore import ModelStore
-from gpud.oneoff import image_progress, model_progress
 from gpud.runtime.base import ContainerRuntime, LogLine, Stream
-from gpud.scheduler import Lease, Scheduler
-from gpud.session_worker import SessionWorker, WorkerCrashed
-from gpud.sessions import Session, SessionRegistry, SessionState
-from gpud.tasks import Task, TaskError, TaskStatus, cancel_error
-from gpud.worker.channel import WorkerError
+from gpud.settings import LiveConfig
+from gpud.work.events import EventType
+from gpud.work.launch import image_progress, model_progress
+from gpud.work.sessions.record import Session, SessionRegistry, SessionState
+from gpud.work.sessions.taskrun import RunOutcome, TaskRun, stop_error
+from gpud.work.sessions.worker import SessionWorker, WorkerCrashed
+from gpud.work.task import Task, TaskError, TaskStatus, cancel_error
 
 logger = logging.getLogger(__name__)
-
-# How long a worker has to stop a cancelled (or timed-out) task before the session is restarted.
-CANCEL_GRACE_SECONDS = 5.0
-
-_REASONS = {
-    "killed": "the session was killed",
-    "idle_timeout": "the session was idle past SESSION_IDLE_TIMEOUT_SECONDS",
-    "max_lifetime": "the session reached SESSION_MAX_LIFETIME_SECONDS",
-    "shutdown": "gpud is shutting down",
-}
 
 
 class SessionManager:
@@ -43,16 +31,18 @@ class SessionManager:
         runtime: ContainerRuntime,
         store: ModelStore,
         scheduler: Scheduler,
-        settings: Callable[[], Settings],
+        config: LiveConfig,
         socket_root: Path,
         sdk_dir: Path,
+        clock: Clock | None = None,
     ) -> None:
         self._runtime = runtime
         self._store = store
         self._scheduler = scheduler
-        self._settings = settings
+        self._config = config
         self._socket_root = socket_root
         self._sdk_dir = sdk_dir
+        self._clock = clock or SystemClock()
         self.registry = SessionRegistry()
         self._lives: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
@@ -62,7 +52,9 @@ class SessionManager:
 
     def open(self, task: Task, lease: Lease) -> Session:
         """Start a new session for `task` on the leased GPU; the task runs first once the worker is ready."""
-        session = Session(id=lease.holder, preset=task.preset, difficulty=task.request.difficulty, lease=lease)
+        session = Session(
+            id=lease.holder, preset=task.preset, difficulty=task.request.difficulty, lease=lease, clock=self._clock
+        )
         self.registry.add(session)
         task.session_id = session.id
         task.gpu_id = lease.gpu.index
@@ -74,7 +66,7 @@ class SessionManager:
 
     def enqueue(self, session: Session, task: Task) -> None:
         """Queue a task on a live session (FIFO); raises Gone or Busy when it cannot take it."""
-        settings = self._settings()
+        settings = self._config.settings
         session.check_accepts(settings.session_max_lifetime_seconds, settings.session_queue_max_size)
         task.session_id = session.id
         task.gpu_id = session.lease.gpu.index
@@ -92,7 +84,7 @@ class SessionManager:
 
     def keepalive(self, session: Session) -> None:
         """Reset the idle timer; Gone if the session has ended."""
-        session.check_accepts(self._settings().session_max_lifetime_seconds, queue_max=1 << 30)
+        session.check_accepts(self._config.settings.session_max_lifetime_seconds, queue_max=1 << 30)
         session.touch()
         self._wake(session)
 
@@ -116,7 +108,12 @@ class SessionManager:
 
     def purge(self, retention: float) -> None:
         """Forget sessions that ended more than `retention` seconds ago."""
-        self.registry.purge(time.time() - retention)
+        self.registry.purge(self._clock.monotonic() - retention)
+
+    def settings_changed(self) -> None:
+        """Re-check every session's timers now (a reload may have shortened the idle timeout or lifetime)."""
+        for session in self.registry.live():
+            self._wake(session)
 
     # --- a session's life -------------------------------------------------------------------------------
 
@@ -181,25 +178,22 @@ class SessionManager:
         """The next queued task, or None when the session must end (stop requested, idle, lifetime, crash)."""
         wake = self._wakeups[session.id]
         while True:
-            settings = self._settings()
-            now = time.time()
-            if session.stop_reason is None and now >= session.expires_at(settings.session_max_lifetime_seconds):
+            settings = self._config.settings
+            now = self._clock.monotonic()
+            expires = session.expires_at(settings.session_max_lifetime_seconds)
+            if session.stop_reason is None and now >= expires:
                 session.stop_reason = "max_lifetime"
             if session.stop_reason is not None:
                 return None
             if session.queue:
                 return session.queue.popleft()
-            if now >= session.idle_deadline(settings.session_idle_timeout_seconds):
+            idle_deadline = session.idle_deadline(settings.session_idle_timeout_seconds)
+            if now >= idle_deadline:
                 session.stop_reason = "idle_timeout"
                 return None
-            deadline = min(
-                session.idle_deadline(settings.session_idle_timeout_seconds),
-                session.expires_at(settings.session_max_lifetime_seconds),
-            )
             wake.clear()
-            waiter: asyncio.Future[Any] = asyncio.ensure_future(wake.wait())
-            exited: asyncio.Future[Any] = worker.exited
-            await asyncio.wait({waiter, exited}, timeout=max(deadline - now, 0.0), return_when=asyncio.FIRST_COMPLETED)
+            waiter: asyncio.Future[bool] = asyncio.ensure_future(wake.wait())
+            await self._clock.wait({waiter, worker.exited}, min(idle_deadline, expires))
             waiter.cancel()
             if worker.exited.done():
                 raise await worker.crash("worker exited while idle")
@@ -212,78 +206,26 @@ class SessionManager:
         task.mark_running()
         task.emit(EventType.WORKER, status="working", container_id=session.container_id, session_id=session.id)
         worker.on_output = _output_to(task)
-        consumer = asyncio.create_task(self._consume(worker, task))
         try:
-            outcome = await self._supervise(session, worker, task, consumer)
+            outcome = await TaskRun(session, worker, task, self._wakeups[session.id], self._clock).run()
+        except Exception as exc:
+            # Whatever went wrong, the running task must end with the session, not wait out its timeout.
+            logger.exception("session %s: task %s failed unexpectedly", session.id, task.id)
+            raise WorkerCrashed(f"internal error: {exc}", None, [], code="internal_error", task=task) from exc
         finally:
             worker.on_output = None
             session.current = None
             session.tasks_run += 1
             session.touch()
-        if outcome == "restart":
+        if outcome is RunOutcome.RESTART:
             return await self._restart(session, worker, task)
-        if outcome == "crashed":
+        if outcome is RunOutcome.CRASHED:
             crash = await worker.crash("worker crashed while running a task")
             crash.task = task
             raise crash
-        session.move(SessionState.READY)
+        if outcome is RunOutcome.OK:
+            session.move(SessionState.READY)
         return worker
-
-    async def _supervise(self, session: Session, worker: SessionWorker, task: Task, consumer: asyncio.Task[Any]) -> str:
-        """Wait for the task's end, its timeout, a cancel or a kill; returns ok, restart, crashed or stop."""
-        timeout = max(task.request.timeout_seconds - (time.time() - (task.started_at or time.time())), 0.0)
-        wake = self._wakeups[session.id]
-        deadline = time.monotonic() + timeout
-        cancel_sent = False
-        while not consumer.done():
-            wake.clear()
-            waiter = asyncio.ensure_future(wake.wait())
-            await asyncio.wait(
-                {consumer, waiter}, timeout=max(deadline - time.monotonic(), 0.0), return_when="FIRST_COMPLETED"
-            )
-            waiter.cancel()
-            if consumer.done():
-                break
-            if session.stop_reason is not None:
-                consumer.cancel()
-                task.finish(TaskStatus.CANCELLED, error=_stop_error(session.stop_reason))
-                return "stop"
-            overdue = time.monotonic() >= deadline
-            if (overdue or task.cancel_reason) and not cancel_sent:
-                cancel_sent = True
-                if overdue and task.cancel_reason is None:
-                    task.cancel_reason = "timeout"
-                with contextlib.suppress(WorkerError):
-                    await worker.channel.cancel(task.id)
-                deadline = time.monotonic() + CANCEL_GRACE_SECONDS
-            elif overdue:
-                consumer.cancel()
-                _finish_cancelled(task, stuck=True)
-                return "restart"
-        return _finish_from_consumer(session, task, consumer)
-
-    async def _consume(self, worker: SessionWorker, task: Task) -> dict[str, Any]:
-        """Stream the worker's events for the task into its log; return the `done` message."""
-        error: dict[str, Any] | None = None
-        async for event in worker.channel.run_task(task.id, dict(task.request.metadata)):
-            data = event.data
-            if event.type == "text_delta":
-                task.emit(EventType.TEXT_DELTA, delta=str(data.get("delta", "")))
-            elif event.type == "text":
-                task.output = [str(data.get("text", ""))]
-            elif event.type == "log":
-                line = str(data.get("line", ""))
-                worker.tail.append(line)  # quoted if the worker crashes, like its container output
-                task.emit(EventType.LOGS, stream=str(data.get("stream", "worker")), line=line)
-            elif event.type == "progress":
-                task.emit(EventType.PROGRESS, **{k: v for k, v in data.items() if k != "task_id"})
-            elif event.type == "result":
-                task.result = {k: v for k, v in data.items() if k != "task_id"}
-            elif event.type == "error":
-                error = data
-            elif event.type == "done":
-                return {**data, "error": error}
-        raise WorkerError("worker stream ended without done")
 
     async def _restart(self, session: Session, old: SessionWorker, task: Task) -> SessionWorker:
         """Replace a worker that would not stop a task: same session, GPU and queue; a fresh container."""
@@ -301,7 +243,7 @@ class SessionManager:
 
     async def _teardown(self, session: Session, worker: SessionWorker | None, crash: WorkerCrashed | None) -> None:
         """Stop the container and release model and GPU first, then finish the session's tasks."""
-        if crash is None and session.state is not SessionState.STOPPING and not session.ended:
+        if crash is None and session.state is not SessionState.STOPPING and not session.is_over:
             session.move(SessionState.STOPPING)
         # The latest worker may differ from the one the loop held (a restart that failed half way): stop both.
         latest = self._workers.pop(session.id, None)
@@ -316,7 +258,7 @@ class SessionManager:
             session.end_reason = reason
             for task in [session.current, *session.queue]:
                 if task is not None:
-                    task.finish(TaskStatus.CANCELLED, error=_stop_error(reason))
+                    task.finish(TaskStatus.CANCELLED, error=stop_error(reason))
             session.queue.clear()
             session.move(SessionState.STOPPED)
         self._lives.pop(session.id, None)
@@ -331,7 +273,7 @@ class SessionManager:
                 task.finish(TaskStatus.FAILED, error=TaskError(crash.code, message), exit_code=exit_code)
         session.end_reason = "worker_crashed"
         session.drop_queued(TaskStatus.FAILED, TaskError("session_failed", f"the session's worker failed: {message}"))
-        if not session.ended:
+        if not session.is_over:
             session.move(SessionState.FAILED)
 
     # --- helpers ---------------------------------------------------------------------------------------
@@ -361,40 +303,3 @@ def _output_to(task: Task) -> Callable[[LogLine], None]:
         task.emit(EventType.LOGS, stream=stream, line=line.line)
 
     return forward
-
-
-def _finish_from_consumer(session: Session, task: Task, consumer: asyncio.Task[Any]) -> str:
-    if consumer.cancelled() or isinstance(consumer.exception(), WorkerError):
-        return "crashed"
-    exc = consumer.exception()
-    if exc is not None:
-        raise exc
-    done = consumer.result()
-    # The worker is idle again, model loaded: the original design's WAITING.
-    task.emit(EventType.WORKER, status="waiting", container_id=session.container_id, session_id=session.id)
-    status = str(done.get("status", "completed"))
-    error = done.get("error")
-    if task.cancel_reason and status == "cancelled":
-        _finish_cancelled(task, stuck=False)
-    elif status == "completed":
-        task.finish(TaskStatus.COMPLETED)
-    elif status == "cancelled":
-        task.finish(TaskStatus.CANCELLED, error=TaskError("cancelled", "the worker cancelled the task"))
-    else:
-        message = str((error or {}).get("message") or "the worker reported a failure")
-        task.finish(TaskStatus.FAILED, error=TaskError(str((error or {}).get("code") or "task_failed"), message))
-    return "ok"
-
-
-def _finish_cancelled(task: Task, stuck: bool) -> None:
-    suffix = f"; the worker did not stop it within {CANCEL_GRACE_SECONDS:g}s, so the session was restarted"
-    if task.cancel_reason == "timeout":
-        error = TaskError("timeout", f"task ran past its timeout of {task.request.timeout_seconds:g}s")
-        task.finish(TaskStatus.TIMEOUT, error=TaskError(error.code, error.message + (suffix if stuck else "")))
-        return
-    error = cancel_error(task.cancel_reason or "cancelled")
-    task.finish(TaskStatus.CANCELLED, error=TaskError(error.code, error.message + (suffix if stuck else "")))
-
-
-def _stop_error(reason: str) -> TaskError:
-    return TaskError(f"session_{reason}" if not reason.startswith("session") else reason, _REASONS.get(reason, reason))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gpud.api.keys import SERVICES
-from gpud.presets import Preset
+from gpud.api import keys
+from gpud.settings.presets import Preset
 
 
 def preset_report(preset: Preset) -> dict[str, object]:
@@ -32,7 +32,7 @@ def preset_report(preset: Preset) -> dict[str, object]:
 
 async def list_presets(request: web.Request) -> web.Response:
     """GET /api/presets."""
-    catalog = request.app[SERVICES].presets
+    catalog = request.app[keys.CONFIG].presets
     return web.json_response({"source": catalog.source, "presets": [preset_report(p) for p in catalog.all()]})
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gpud.api.keys import SERVICES
-from gpud.sessions import Session
+from gpud.api import keys
+from gpud.work.sessions.record import Session
 
 
 def _session(request: web.Request) -> Session:
-    return request.app[SERVICES].tasks.sessions.registry.get(request.match_info["session_id"])
+    return request.app[keys.SESSIONS].registry.get(request.match_info["session_id"])
 
 
 async def list_sessions(request: web.Request) -> web.Response:
     """GET /api/sessions: live sessions and recently ended ones."""
-    sessions = request.app[SERVICES].tasks.sessions.registry.all()
+    sessions = request.app[keys.SESSIONS].registry.all()
     return web.json_response({"sessions": [session.report() for session in sessions]})
 
 
@@ -26,14 +26,14 @@ async def get_session(request: web.Request) -> web.Response:
 async def kill_session(request: web.Request) -> web.Response:
     """DELETE /api/sessions/{session_id}: running and queued tasks finish as cancelled; the worker is removed."""
     session = _session(request)
-    await request.app[SERVICES].tasks.sessions.kill(session)
+    await request.app[keys.SESSIONS].kill(session)
     return web.json_response(session.report())
 
 
 async def keepalive(request: web.Request) -> web.Response:
     """POST /api/sessions/{session_id}/keepalive: reset the idle timer."""
     session = _session(request)
-    request.app[SERVICES].tasks.sessions.keepalive(session)
+    request.app[keys.SESSIONS].keepalive(session)
     return web.json_response(session.report())
 
 

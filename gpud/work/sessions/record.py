@@ -5,15 +5,15 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpud.clock import Clock, wall_of
 from gpud.errors import Busy, Gone, NotFound
-from gpud.events import EventType
-from gpud.presets import Preset
-from gpud.scheduler import Lease
-from gpud.tasks import Task, TaskError, TaskStatus
+from gpud.gpu.scheduler import Lease
+from gpud.settings.presets import Preset
+from gpud.work.events import EventType
+from gpud.work.task import Task, TaskError, TaskStatus
 
 logger = logging.getLogger(__name__)
 
@@ -51,25 +51,30 @@ class IllegalMove(RuntimeError):
 
 @dataclass(eq=False)
 class Session:
-    """One session's record: identity, state, queue, and timing. SessionManager drives it."""
+    """One session's record: identity, state, queue, and timing (monotonic readings of `clock`, shown as wall
+    time in reports). SessionManager drives it."""
 
     id: str
     preset: Preset
     difficulty: str
     lease: Lease
+    clock: Clock
     state: SessionState = SessionState.STARTING
     queue: collections.deque[Task] = field(default_factory=collections.deque)
     current: Task | None = None
     container_id: str | None = None
-    created_at: float = field(default_factory=time.time)
-    last_activity: float = field(default_factory=time.time)
-    ended_at: float | None = None
+    created: float = field(init=False)
+    last_active: float = field(init=False)
+    ended: float | None = None
     end_reason: str | None = None
     tasks_run: int = 0
     restarts: int = 0
     ready_info: dict[str, Any] = field(default_factory=dict)
     # Set to a reason code when the session must end (kill, idle, lifetime, shutdown).
     stop_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.created = self.last_active = self.clock.monotonic()
 
     def move(self, to: SessionState) -> None:
         """Change state, only along the table's moves."""
@@ -78,31 +83,31 @@ class Session:
         logger.info("session %s: %s -> %s", self.id, self.state.value, to.value)
         self.state = to
         if to in ENDED:
-            self.ended_at = time.time()
+            self.ended = self.clock.monotonic()
 
     @property
-    def ended(self) -> bool:
-        """Whether the session is over."""
+    def is_over(self) -> bool:
+        """Whether the session has ended."""
         return self.state in ENDED
 
     def expires_at(self, max_lifetime: float) -> float:
-        """When the session stops accepting tasks."""
-        return self.created_at + max_lifetime
+        """When (clock.monotonic) the session stops accepting tasks."""
+        return self.created + max_lifetime
 
     def idle_deadline(self, idle_timeout: float) -> float:
-        """When an idle session ends (counting from the last task or keepalive)."""
-        return self.last_activity + idle_timeout
+        """When (clock.monotonic) an idle session ends, counting from the last task or keepalive."""
+        return self.last_active + idle_timeout
 
     def touch(self) -> None:
         """Record activity (a task finished, a task queued, a keepalive)."""
-        self.last_activity = time.time()
+        self.last_active = self.clock.monotonic()
 
     def check_accepts(self, max_lifetime: float, queue_max: int) -> None:
         """Raise the error a new task for this session gets, if it cannot be queued."""
-        if self.ended or self.stop_reason is not None:
+        if self.is_over or self.stop_reason is not None:
             reason = self.end_reason or self.stop_reason
             raise Gone(f"session {self.id} has ended ({reason})", code="session_ended")
-        if time.time() >= self.expires_at(max_lifetime):
+        if self.clock.monotonic() >= self.expires_at(max_lifetime):
             raise Gone(f"session {self.id} reached its max lifetime and takes no new tasks", code="session_expired")
         if len(self.queue) >= queue_max:
             raise Busy(
@@ -135,9 +140,9 @@ class Session:
             "current_task": self.current.id if self.current else None,
             "queue": [task.id for task in self.queue],
             "queue_length": len(self.queue),
-            "created_at": self.created_at,
-            "last_activity": self.last_activity,
-            "ended_at": self.ended_at,
+            "created_at": wall_of(self.clock, self.created),
+            "last_activity": wall_of(self.clock, self.last_active),
+            "ended_at": None if self.ended is None else wall_of(self.clock, self.ended),
             "end_reason": self.end_reason,
             "tasks_run": self.tasks_run,
             "restarts": self.restarts,
@@ -164,13 +169,13 @@ class SessionRegistry:
 
     def all(self) -> list[Session]:
         """Every known session, oldest first."""
-        return sorted(self._sessions.values(), key=lambda s: s.created_at)
+        return sorted(self._sessions.values(), key=lambda s: s.created)
 
     def live(self) -> list[Session]:
         """Sessions not ended."""
-        return [s for s in self._sessions.values() if not s.ended]
+        return [s for s in self._sessions.values() if not s.is_over]
 
     def purge(self, older_than: float) -> None:
-        """Forget sessions that ended before the given time."""
-        for session_id in [s.id for s in self._sessions.values() if s.ended and (s.ended_at or 0) < older_than]:
+        """Forget sessions that ended before the given clock.monotonic reading."""
+        for session_id in [s.id for s in self._sessions.values() if s.ended is not None and s.ended < older_than]:
             del self._sessions[session_id]

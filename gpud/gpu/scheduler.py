@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from gpud.clock import Clock, SystemClock
 from gpud.errors import NotFound, Unavailable
-from gpud.gpus import Gpu, GpuInventory
+from gpud.gpu.inventory import Gpu, GpuInventory
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +22,15 @@ class Lease:
     gpu: Gpu
     holder: str
     kind: str  # "task" or "session"
-    acquired_at: float = field(default_factory=time.time)
+    acquired_at: float  # epoch seconds
 
 
 class Scheduler:
     """Hands out GPUs by difficulty tag; a low task never lands on a high GPU and vice versa."""
 
-    def __init__(self, inventory: GpuInventory) -> None:
+    def __init__(self, inventory: GpuInventory, clock: Clock | None = None) -> None:
         self._inventory = inventory
+        self._clock = clock or SystemClock()
         self._leases: dict[int, Lease] = {}
         self._drained: set[int] = set()
 
@@ -45,7 +46,7 @@ class Scheduler:
         unhealthy = self._inventory.unhealthy()
         for gpu in fitting:
             if gpu.index not in self._leases and gpu.index not in self._drained and gpu.index not in unhealthy:
-                lease = Lease(gpu=gpu, holder=holder, kind=kind)
+                lease = Lease(gpu=gpu, holder=holder, kind=kind, acquired_at=self._clock.time())
                 self._leases[gpu.index] = lease
                 logger.info("GPU %d (%s) leased to %s %s", gpu.index, difficulty, kind, holder)
                 return lease

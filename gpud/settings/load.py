@@ -1,105 +1,27 @@
-"""gpud's settings: one typed, frozen object resolved from defaults < YAML file < environment < flags.
+"""Loading settings: one typed, frozen object resolved from defaults < YAML file < environment < flags.
 
-Every setting has one YAML key (its field name) and one or more environment names: the original design's names
-(`GPU_DEVICE_IDS`, `SESSION_IDLE_TIMEOUT_SECONDS`, ...) stay valid; settings added since use a `GPUD_` prefix.
-Secrets may also be read from a file named by `<ENV>_FILE` (e.g. `INTERNAL_API_KEY_FILE`), so they need not sit
-in the environment. Problems are collected, not raised one by one: `ConfigError.problems` names each key and the
-place its value came from.
+What each setting is comes from its declaration in gpud.settings.schema. Secrets may also be read from a file
+named by `<ENV>_FILE` (e.g. `INTERNAL_API_KEY_FILE`), so they need not sit in the environment. Problems are
+collected, not raised one by one: `ConfigError.problems` names each key and the place its value came from.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import grp
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gpud import configfields as cf
 from gpud.errors import ConfigError
+from gpud.settings import parsers
+from gpud.settings.schema import SPECS, Settings
 
 DEFAULT_CONFIG_FILE = Path("/etc/gpud/gpud.yaml")
 PACKAGED_DEFAULTS = Path(__file__).with_name("defaults")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Every setting gpud reads. Built only by `load()`, which validates all of it."""
-
-    # GPUs
-    gpu_backend: str = "auto"
-    gpu_device_ids: tuple[int, ...] = ()
-    gpu_device_difficulty: Mapping[int, str] = field(default_factory=dict)
-    gpu_metrics_refresh_interval: float = 5.0
-    # Sessions and tasks
-    session_idle_timeout_seconds: float = 300.0
-    session_max_lifetime_seconds: float = 3600.0
-    session_queue_max_size: int = 5
-    default_task_timeout: float = 300.0
-    max_task_timeout: float = 3600.0
-    client_gone_grace_seconds: float = 30.0
-    task_retention_seconds: float = 600.0
-    sse_heartbeat_seconds: float = 15.0
-    # Models
-    model_cache_dir: Path = Path("/var/lib/gpud/models")
-    model_cache_max_bytes: int | None = None
-    auto_fetch_models: bool = True
-    file_service_url: str | None = None
-    file_service_internal_key: str | None = field(default=None, repr=False)
-    file_service_key_header: str = "X-Internal-Key"
-    presets_file: Path = Path("/etc/gpud/models.yaml")
-    # Workers
-    runtime: str = "podman"
-    runtime_socket: str | None = None
-    allowed_docker_images: tuple[str, ...] = ()
-    # Service
-    http_listen: tuple[str, int] = ("127.0.0.1", 8001)
-    admin_socket: Path = Path("/run/gpud/gpud.sock")
-    admin_socket_group: str | None = None
-    state_dir: Path = Path("/var/lib/gpud")
-    internal_api_key: tuple[str, ...] = field(default=(), repr=False)
-    metrics_public: bool = False
-    max_request_bytes: int = 1024 * 1024
-    log_level: str = "info"
-    # Where this came from, for messages: the YAML file read, if any.
-    config_file: Path | None = None
-
-    def changed_fields(self, other: Settings) -> list[str]:
-        """Names of the settings whose values differ between self and other."""
-        return [
-            f.name
-            for f in dataclasses.fields(self)
-            if f.name != "config_file" and getattr(self, f.name) != getattr(other, f.name)
-        ]
-
-
-# Settings that a reload (SIGHUP) may change in place; the rest need a restart.
-RELOADABLE = frozenset(
-    {
-        "gpu_device_difficulty",
-        "gpu_metrics_refresh_interval",
-        "session_idle_timeout_seconds",
-        "session_max_lifetime_seconds",
-        "session_queue_max_size",
-        "default_task_timeout",
-        "max_task_timeout",
-        "client_gone_grace_seconds",
-        "task_retention_seconds",
-        "sse_heartbeat_seconds",
-        "auto_fetch_models",
-        "file_service_url",
-        "file_service_internal_key",
-        "allowed_docker_images",
-        "internal_api_key",
-        "metrics_public",
-        "log_level",
-        "presets_file",
-    }
-)
 
 
 def dev_defaults(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -141,7 +63,7 @@ def load(
     failed: set[str] = set()
     for name, (value, source) in raw.items():
         try:
-            values[name] = cf.FIELDS[name].parse(value)
+            values[name] = SPECS[name].parse(value)
         except (ValueError, TypeError) as exc:
             problems.append(f"{source}: {name}: {exc}")
             failed.add(name)
@@ -184,8 +106,8 @@ def _read_yaml(path: Path, explicit: bool, problems: list[str]) -> dict[str, tup
         return {}
     found: dict[str, tuple[Any, str]] = {}
     for key, value in data.items():
-        if key not in cf.FIELDS:
-            hint = cf.suggest(str(key))
+        if key not in SPECS:
+            hint = suggest(str(key))
             problems.append(f"{path}: {key}: unknown key" + (f" (did you mean {hint}?)" if hint else ""))
             continue
         found[key] = (value, str(path))
@@ -194,14 +116,14 @@ def _read_yaml(path: Path, explicit: bool, problems: list[str]) -> dict[str, tup
 
 def _read_environ(environ: Mapping[str, str], problems: list[str]) -> dict[str, tuple[Any, str]]:
     found: dict[str, tuple[Any, str]] = {}
-    for name, spec in cf.FIELDS.items():
+    for name, spec in SPECS.items():
         for env_name in spec.env:
             if env_name in environ:
                 found[name] = (environ[env_name], f"env {env_name}")
             elif spec.secret and f"{env_name}_FILE" in environ:
                 file_var = f"{env_name}_FILE"
                 try:
-                    found[name] = (cf.read_secret_file(Path(environ[file_var])), f"env {file_var}")
+                    found[name] = (parsers.read_secret_file(Path(environ[file_var])), f"env {file_var}")
                 except OSError as exc:
                     problems.append(f"env {file_var}: {name}: cannot read {environ[file_var]}: {exc.strerror}")
     return found
@@ -235,3 +157,13 @@ def _check(settings: Settings, failed: set[str]) -> list[str]:
         except KeyError:
             problems.append(f"{where}: admin_socket_group: no group named {settings.admin_socket_group!r}")
     return problems
+
+
+def suggest(key: str) -> str | None:
+    """The known key closest to a mistyped one (an environment name used as a YAML key included), if any."""
+    lowered = key.lower()
+    by_env = {env.lower(): name for name, spec in SPECS.items() for env in spec.env}
+    if lowered in by_env:
+        return by_env[lowered]
+    matches = difflib.get_close_matches(lowered, list(SPECS), n=1)
+    return matches[0] if matches else None

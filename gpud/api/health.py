@@ -1,19 +1,23 @@
-"""The daemon's health report, shared by `/health` on both apps and by gpuctl status."""
+"""The daemon's health report, shared by `/health` on both apps (and so by `gpuctl status`)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from aiohttp import web
+
 from gpud import __version__
-from gpud.gpus import Gpu
+from gpud.api import keys
+from gpud.gpu.inventory import Gpu, GpuInventory
+from gpud.gpu.scheduler import Scheduler
 from gpud.runtime.base import EngineHealth
-from gpud.services import Services
 
 
-def gpu_report(services: Services, gpu: Gpu) -> dict[str, Any]:
+def gpu_report(inventory: GpuInventory, scheduler: Scheduler, gpu: Gpu) -> dict[str, Any]:
     """One GPU: identity, tag, latest sample, lease and drain state."""
-    sample = services.inventory.sample(gpu.index)
-    lease = services.scheduler.lease_of(gpu.index)
+    sample = inventory.sample(gpu.index)
+    lease = scheduler.lease_of(gpu.index)
     return {
         "id": gpu.index,
         "uuid": gpu.uuid,
@@ -30,22 +34,30 @@ def gpu_report(services: Services, gpu: Gpu) -> dict[str, Any]:
         "error": sample.error if sample else None,
         "leased": lease is not None,
         "leased_to": {"kind": lease.kind, "id": lease.holder, "since": lease.acquired_at} if lease else None,
-        "drained": services.scheduler.is_drained(gpu.index),
+        "drained": scheduler.is_drained(gpu.index),
     }
 
 
-def health_report(services: Services, engine: EngineHealth) -> dict[str, Any]:
+def gpu_reports(app: web.Application) -> list[dict[str, Any]]:
+    """Every GPU of the app's inventory."""
+    inventory, scheduler = app[keys.INVENTORY], app[keys.SCHEDULER]
+    return [gpu_report(inventory, scheduler, gpu) for gpu in inventory.gpus]
+
+
+def health_report(app: web.Application, engine: EngineHealth) -> dict[str, Any]:
     """status ok/degraded with the reasons, version, uptime, GPUs, and activity counts."""
-    reasons = [f"GPU {index}: {error}" for index, error in sorted(services.inventory.unhealthy().items())]
+    inventory = app[keys.INVENTORY]
+    started = app[keys.STARTED]
+    reasons = [f"GPU {index}: {error}" for index, error in sorted(inventory.unhealthy().items())]
     if not engine.ok:
         reasons.append(f"{engine.runtime} engine unreachable: {engine.detail}")
     return {
         "status": "degraded" if reasons else "ok",
         "reasons": reasons,
         "version": __version__,
-        "uptime_seconds": round(services.uptime(), 3),
-        "started_at": services.started_at,
-        "gpu_backend": services.inventory.backend,
+        "uptime_seconds": round(time.monotonic() - started.monotonic, 3),
+        "started_at": started.wall,
+        "gpu_backend": inventory.backend,
         "runtime": {
             "name": engine.runtime,
             "reachable": engine.ok,
@@ -53,6 +65,7 @@ def health_report(services: Services, engine: EngineHealth) -> dict[str, Any]:
             "version": engine.version,
             "detail": engine.detail,
         },
-        "gpus": [gpu_report(services, gpu) for gpu in services.inventory.gpus],
-        **services.tasks.counts(),
+        "gpus": gpu_reports(app),
+        "active_tasks": len(app[keys.TASKS].registry.active()),
+        "active_sessions": len(app[keys.SESSIONS].registry.live()),
     }

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gpud.api.keys import SERVICES
+from gpud.api import keys
 from gpud.errors import Conflict, Gone, InvalidRequest
 from gpud.runtime.base import ContainerNotFound, LogLine
 
@@ -57,14 +57,14 @@ def encode(lines: Iterable[LogLine], ndjson: bool) -> bytes:
 async def session_logs(request: web.Request) -> web.StreamResponse:
     """GET /api/sessions/{session_id}/logs?follow=1&tail=N&format=ndjson: what the worker wrote, then (follow) more."""
     options = parse_options(dict(request.query))
-    services = request.app[SERVICES]
-    session = services.tasks.sessions.registry.get(request.match_info["session_id"])
+    runtime = request.app[keys.RUNTIME]
+    session = request.app[keys.SESSIONS].registry.get(request.match_info["session_id"])
     container_id = session.container_id
     if container_id is None:
         raise Conflict(
             f"session {session.id} has no worker container yet ({session.state.value})", code="session_no_container"
         )
-    backlog = services.runtime.logs(container_id, follow=False)
+    backlog = runtime.logs(container_id, follow=False)
     try:
         first = await anext(backlog, None)
     except ContainerNotFound:
@@ -76,7 +76,7 @@ async def session_logs(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     seen = await _write_backlog(response, first, backlog, options)
     if options.follow and seen is not None:
-        live = services.runtime.logs(container_id, follow=True)
+        live = runtime.logs(container_id, follow=True)
         await _follow(request, response, live, skip=seen, ndjson=options.ndjson)
     with contextlib.suppress(ConnectionError):
         await response.write_eof()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gpud.api.keys import SERVICES
+from gpud.api import keys
+from gpud.api.health import gpu_report
 from gpud.errors import InvalidRequest, Unavailable
-from gpud.health import gpu_report
-from gpud.services import Services
 
 
 def _gpu_index(request: web.Request) -> int:
@@ -19,32 +18,31 @@ def _gpu_index(request: web.Request) -> int:
 
 async def post_reload(request: web.Request) -> web.Response:
     """POST /api/reload: the same as SIGHUP; answers with what changed."""
-    reloader = request.app[SERVICES].reloader
-    if reloader is None:
+    reload = request.app[keys.RELOAD]
+    if reload is None:
         raise Unavailable("reload is not available in this process", code="reload_unavailable")
-    return web.json_response(await reloader.reload())
+    return web.json_response(await reload())
 
 
 async def post_drain(request: web.Request) -> web.Response:
     """POST /api/gpus/{gpu_id}/drain: no new leases; running work finishes."""
-    services = request.app[SERVICES]
     index = _gpu_index(request)
-    services.scheduler.drain(index)
-    return _gpu_response(services, index)
+    request.app[keys.SCHEDULER].drain(index)
+    return _gpu_response(request.app, index)
 
 
 async def post_undrain(request: web.Request) -> web.Response:
     """POST /api/gpus/{gpu_id}/undrain."""
-    services = request.app[SERVICES]
     index = _gpu_index(request)
-    services.scheduler.undrain(index)
-    return _gpu_response(services, index)
+    request.app[keys.SCHEDULER].undrain(index)
+    return _gpu_response(request.app, index)
 
 
-def _gpu_response(services: Services, index: int) -> web.Response:
-    gpu = services.inventory.get(index)
+def _gpu_response(app: web.Application, index: int) -> web.Response:
+    inventory = app[keys.INVENTORY]
+    gpu = inventory.get(index)
     assert gpu is not None  # the scheduler has just checked it exists
-    return web.json_response(gpu_report(services, gpu))
+    return web.json_response(gpu_report(inventory, app[keys.SCHEDULER], gpu))
 
 
 def add_admin_routes(app: web.Application) -> None:

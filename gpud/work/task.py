@@ -11,14 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpud.errors import NotFound
-from gpud.events import EventType, TaskEventLog
-from gpud.presets import Preset
-from gpud.taskspec import TaskRequest
+from gpud.settings.presets import Preset
+from gpud.work.events import EventType, TaskEventLog
+from gpud.work.request import TaskRequest
 
 logger = logging.getLogger(__name__)
-
-# How many log lines a failed task's error quotes (the last ones).
-ERROR_TAIL_LINES = 20
 
 
 class TaskStatus(enum.StrEnum):

@@ -4,47 +4,44 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gpud.api import keys
 from gpud.api.errors import read_json_object
-from gpud.api.keys import SERVICES
 from gpud.api.sse import last_event_id, stream_task_events
-from gpud.taskspec import parse_task_request
+from gpud.work.request import parse_task_request
 
 
 async def submit(request: web.Request) -> web.StreamResponse:
     """POST /api/tasks/submit: errors found before work starts are JSON; then the task's event stream."""
-    services = request.app[SERVICES]
-    settings = services.settings
+    settings = request.app[keys.CONFIG].settings
     body = await read_json_object(request)
     task_request = parse_task_request(body, settings.default_task_timeout, settings.max_task_timeout)
-    task = await services.tasks.submit(task_request)
+    task = await request.app[keys.TASKS].submit(task_request)
     return await stream_task_events(request, task.log, heartbeat=settings.sse_heartbeat_seconds, after_id=0)
 
 
 async def list_tasks(request: web.Request) -> web.Response:
     """GET /api/tasks: active and recently finished tasks, oldest first."""
-    tasks = request.app[SERVICES].tasks.registry.all()
+    tasks = request.app[keys.TASKS].registry.all()
     return web.json_response({"tasks": [task.report() for task in tasks]})
 
 
 async def get_task(request: web.Request) -> web.Response:
     """GET /api/tasks/{task_id}: one task with its output and result."""
-    task = request.app[SERVICES].tasks.registry.get(request.match_info["task_id"])
+    task = request.app[keys.TASKS].registry.get(request.match_info["task_id"])
     return web.json_response(task.report(with_result=True))
 
 
 async def task_events(request: web.Request) -> web.StreamResponse:
     """GET /api/tasks/{task_id}/events: replay after Last-Event-ID, then live (also after the task ended)."""
-    services = request.app[SERVICES]
-    task = services.tasks.registry.get(request.match_info["task_id"])
+    task = request.app[keys.TASKS].registry.get(request.match_info["task_id"])
     after_id = last_event_id(request)
-    return await stream_task_events(
-        request, task.log, heartbeat=services.settings.sse_heartbeat_seconds, after_id=after_id
-    )
+    heartbeat = request.app[keys.CONFIG].settings.sse_heartbeat_seconds
+    return await stream_task_events(request, task.log, heartbeat=heartbeat, after_id=after_id)
 
 
 async def cancel_task(request: web.Request) -> web.Response:
     """DELETE /api/tasks/{task_id}: cancel a queued or running task."""
-    task = await request.app[SERVICES].tasks.cancel(request.match_info["task_id"])
+    task = await request.app[keys.TASKS].cancel(request.match_info["task_id"])
     return web.json_response(task.report())
 
 

@@ -7,9 +7,10 @@ The static backend is how machines without NVIDIA GPUs (CI, laptops) run gpud: G
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -109,6 +110,7 @@ class GpuInventory:
         self.backend = backend
         self._reader = reader
         self._samples: dict[int, GpuSample] = {}
+        self._interval_changed: asyncio.Event | None = None
 
     def get(self, index: int) -> Gpu | None:
         """The GPU with this index, if managed."""
@@ -135,12 +137,20 @@ class GpuInventory:
         for gpu in self.gpus:
             self._samples[gpu.index] = self._reader.sample(gpu.index)
 
-    async def refresh_forever(self, interval: float) -> None:
-        """Refresh samples every `interval` seconds until cancelled."""
+    async def refresh_forever(self, interval: Callable[[], float]) -> None:
+        """Refresh samples until cancelled, waiting `interval()` seconds between (read each time: reloadable)."""
         loop = asyncio.get_running_loop()
+        self._interval_changed = asyncio.Event()
         while True:
             await loop.run_in_executor(None, self.refresh)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._interval_changed.wait(), interval())
+            self._interval_changed.clear()
+
+    def interval_changed(self) -> None:
+        """Cut the current wait short, so a reloaded GPU_METRICS_REFRESH_INTERVAL applies from now."""
+        if self._interval_changed is not None:
+            self._interval_changed.set()
 
     def close(self) -> None:
         """Release NVML."""

@@ -4,29 +4,26 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gpud.api.keys import SERVICES
-from gpud.health import gpu_report, health_report
+from gpud.api import keys
+from gpud.api.health import gpu_reports, health_report
 from gpud.metrics import CONTENT_TYPE
 
 
 async def get_health(request: web.Request) -> web.Response:
     """GET /health: 200 when ok, 503 when degraded (so load balancers and probes can act on the status)."""
-    services = request.app[SERVICES]
-    report = health_report(services, await services.runtime.health())
+    report = health_report(request.app, await request.app[keys.RUNTIME].health())
     return web.json_response(report, status=200 if report["status"] == "ok" else 503)
 
 
 async def get_metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus exposition from the daemon's own registry."""
-    services = request.app[SERVICES]
-    body = services.metrics.render()
+    body = request.app[keys.METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def list_gpus(request: web.Request) -> web.Response:
     """GET /api/gpus."""
-    services = request.app[SERVICES]
-    return web.json_response({"gpus": [gpu_report(services, gpu) for gpu in services.inventory.gpus]})
+    return web.json_response({"gpus": gpu_reports(request.app)})
 
 
 def add_health_routes(app: web.Application) -> None:

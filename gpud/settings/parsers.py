@@ -1,4 +1,4 @@
-"""The table of settings: each one's environment names and the parser that turns YAML/env/flag values into it.
+"""Value parsers for settings: each turns a YAML, environment or flag value into a setting's type.
 
 Values arrive as strings (environment, flags) or as YAML's native types; every parser accepts both and raises
 ValueError with a message meant for an operator.
@@ -6,24 +6,14 @@ ValueError with a message meant for an operator.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpud.presets import parse_size
+from gpud.settings.images import ImagePolicy
+from gpud.settings.presets import parse_size
 
 DIFFICULTIES = ("low", "high")
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """How one setting is read: its environment names and its parser."""
-
-    env: tuple[str, ...]
-    parse: Callable[[Any], Any]
-    secret: bool = False
 
 
 def _text(value: Any) -> str:
@@ -177,45 +167,6 @@ def read_secret_file(file: Path) -> str:
     return ",".join(line for line in lines if line)
 
 
-FIELDS: dict[str, FieldSpec] = {
-    "gpu_backend": FieldSpec(("GPUD_GPU_BACKEND",), choice("auto", "nvml", "static")),
-    "gpu_device_ids": FieldSpec(("GPU_DEVICE_IDS",), gpu_ids),
-    "gpu_device_difficulty": FieldSpec(("GPU_DEVICE_DIFFICULTY",), difficulty_map),
-    "gpu_metrics_refresh_interval": FieldSpec(("GPU_METRICS_REFRESH_INTERVAL",), seconds),
-    "session_idle_timeout_seconds": FieldSpec(("SESSION_IDLE_TIMEOUT_SECONDS",), seconds),
-    "session_max_lifetime_seconds": FieldSpec(("SESSION_MAX_LIFETIME_SECONDS",), seconds),
-    "session_queue_max_size": FieldSpec(("SESSION_QUEUE_MAX_SIZE",), positive_int),
-    "default_task_timeout": FieldSpec(("DEFAULT_TASK_TIMEOUT",), seconds),
-    "max_task_timeout": FieldSpec(("MAX_TASK_TIMEOUT",), seconds),
-    "client_gone_grace_seconds": FieldSpec(("GPUD_CLIENT_GONE_GRACE_SECONDS",), seconds),
-    "task_retention_seconds": FieldSpec(("GPUD_TASK_RETENTION_SECONDS",), seconds),
-    "sse_heartbeat_seconds": FieldSpec(("GPUD_SSE_HEARTBEAT_SECONDS",), seconds),
-    "model_cache_dir": FieldSpec(("MODEL_CACHE_DIR",), path),
-    "model_cache_max_bytes": FieldSpec(("GPUD_MODEL_CACHE_MAX_BYTES",), optional_size),
-    "auto_fetch_models": FieldSpec(("AUTO_FETCH_MODELS",), boolean),
-    "file_service_url": FieldSpec(("FILE_SERVICE_URL",), url),
-    "file_service_internal_key": FieldSpec(("FILE_SERVICE_INTERNAL_KEY",), optional_text, secret=True),
-    "file_service_key_header": FieldSpec(("GPUD_FILE_SERVICE_KEY_HEADER",), non_empty_text),
-    "presets_file": FieldSpec(("GPUD_PRESETS_FILE",), path),
-    "runtime": FieldSpec(("GPUD_RUNTIME",), choice("podman", "docker", "process")),
-    "runtime_socket": FieldSpec(("GPUD_RUNTIME_SOCKET",), optional_text),
-    "allowed_docker_images": FieldSpec(("ALLOWED_DOCKER_IMAGES",), string_list),
-    "http_listen": FieldSpec(("GPUD_HTTP_LISTEN",), listen_address),
-    "admin_socket": FieldSpec(("GPUD_ADMIN_SOCKET",), path),
-    "admin_socket_group": FieldSpec(("GPUD_ADMIN_SOCKET_GROUP",), optional_text),
-    "state_dir": FieldSpec(("GPUD_STATE_DIR",), path),
-    "internal_api_key": FieldSpec(("INTERNAL_API_KEY",), api_keys, secret=True),
-    "metrics_public": FieldSpec(("GPUD_METRICS_PUBLIC",), boolean),
-    "max_request_bytes": FieldSpec(("GPUD_MAX_REQUEST_BYTES",), parse_size),
-    "log_level": FieldSpec(("GPUD_LOG_LEVEL",), choice("debug", "info", "warning", "error")),
-}
-
-
-def suggest(key: str) -> str | None:
-    """The known key closest to a mistyped one, if any is close."""
-    lowered = key.lower()
-    by_env = {env.lower(): name for name, spec in FIELDS.items() for env in spec.env}
-    if lowered in by_env:
-        return by_env[lowered]
-    matches = difflib.get_close_matches(lowered, list(FIELDS), n=1)
-    return matches[0] if matches else None
+def image_policy(value: Any) -> ImagePolicy:
+    """ALLOWED_DOCKER_IMAGES: globs, comma-separated or a YAML list; digest pins are checked here, at load."""
+    return ImagePolicy.parse(string_list(value))

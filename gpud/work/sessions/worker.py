@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import shutil
@@ -11,31 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpud.oneoff import gpu_device
-from gpud.presets import Preset
+from gpud.gpu.scheduler import Lease
 from gpud.runtime.base import ContainerNotFound, ContainerRuntime, ExitStatus, LogLine, Mount
 from gpud.runtime.spec import build_spec
-from gpud.scheduler import Lease
-from gpud.tasks import ERROR_TAIL_LINES, Task
+from gpud.settings.presets import Preset
+from gpud.work.launch import STOP_GRACE_SECONDS, gpu_device, log_tail, quote_tail
+from gpud.work.task import Task
 from gpud.worker import session_worker_env
 from gpud.worker.channel import ReadyInfo, WorkerChannel, WorkerError
-from gpud.worker.protocol import CONTAINER_SDK_DIR, CONTAINER_SDK_PATH, CONTAINER_SOCKET_DIR
+from gpud.worker.protocol import CONTAINER_SDK_DIR, CONTAINER_SOCKET_DIR
 
 logger = logging.getLogger(__name__)
-
-
-def install_sdk(source: Path, sdk_dir: Path) -> None:
-    """Copy the stdlib-only SDK to `sdk_dir/gpud_worker.py`, readable by any worker user (mounted read-only)."""
-    sdk_dir.mkdir(parents=True, exist_ok=True)
-    sdk_dir.chmod(0o755)
-    target = sdk_dir / Path(CONTAINER_SDK_PATH).name
-    tmp = target.with_suffix(".tmp")
-    shutil.copyfile(source, tmp)
-    tmp.chmod(0o644)
-    tmp.replace(target)  # atomic: a worker starting now sees the old file or the new one, never half
-
-
-STOP_GRACE_SECONDS = 5.0
 
 
 class WorkerCrashed(Exception):
@@ -60,9 +45,7 @@ class WorkerCrashed(Exception):
         text = str(self)
         if self.status is not None:
             text += f" (exit code {self.status.exit_code}{', out of memory' if self.status.oom_killed else ''})"
-        if self.tail:
-            text += "; last log lines:\n" + "\n".join(self.tail)
-        return text
+        return text + quote_tail(self.tail)
 
 
 class SessionWorker:
@@ -90,7 +73,7 @@ class SessionWorker:
         self.channel = WorkerChannel(socket_dir)
         self.container_id: str | None = None
         self.ready: ReadyInfo | None = None
-        self.tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
+        self.tail = log_tail()
         self.exited: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
         self._background: list[asyncio.Task[None]] = []
         # Where container output goes while a task runs (the session points it at the current task).

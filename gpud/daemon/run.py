@@ -1,0 +1,120 @@
+"""One gpud process: builds every service, serves the TCP and admin apps, handles signals, reloads, stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from gpud import __version__
+from gpud.api.app import AppServices, make_admin_app, make_public_app
+from gpud.api.peercred import PeerPolicy
+from gpud.daemon.listeners import UnixListener, bind_admin_socket, bind_tcp
+from gpud.daemon.reload import LoadRequest, Reloader, status_line
+from gpud.daemon.services import create_services
+from gpud.daemon.systemd import Notifier, listen_sockets
+from gpud.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Daemon:
+    """One gpud process: listens, serves, and shuts down cleanly on SIGTERM/SIGINT."""
+
+    def __init__(self, request: LoadRequest, settings: Settings, notifier: Notifier | None = None) -> None:
+        self._request = request
+        self._settings = settings
+        self._notifier = notifier or Notifier()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask the daemon to shut down (idempotent)."""
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Serve until stopped; return the process exit code."""
+        services = create_services(self._settings)
+        reloader = Reloader(self._request, services, self._notifier)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(services.close)
+            await services.start()
+            await self._serve(services.for_api(reloader.reload), stack)
+            self._install_signals(reloader)
+            stack.callback(self._remove_signals)
+            watchdog = asyncio.create_task(self._notifier.watchdog_forever())
+            stack.push_async_callback(_cancel_all, [watchdog])
+            self._notifier.ready(status_line(services))
+            logger.info("gpud %s ready", __version__)
+            await self._stop.wait()
+            logger.info("shutting down")
+            self._notifier.stopping()
+            # End tasks while the sockets still serve, so every attached client receives its task_finish.
+            await services.tasks.shutdown()
+        logger.info("stopped")
+        return 0
+
+    async def _serve(self, services: AppServices, stack: contextlib.AsyncExitStack) -> None:
+        settings = services.config.settings
+        activated = listen_sockets()
+        admin_sock = activated.get("admin") or _first_unix(activated)
+        listener: UnixListener | None = None
+        if admin_sock is None:
+            listener = bind_admin_socket(settings.admin_socket, settings.admin_socket_group)
+            stack.callback(listener.remove_file)
+            admin_sock = listener.sock
+        tcp_sock = activated.get("http") or _first_tcp(activated)
+        if tcp_sock is None:
+            tcp_sock = bind_tcp(*settings.http_listen)
+        for app, sock in (
+            (make_public_app(services), tcp_sock),
+            (make_admin_app(services, PeerPolicy(settings.admin_socket_group)), admin_sock),
+        ):
+            runner = web.AppRunner(app, handle_signals=False, access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.SockSite(runner, sock, shutdown_timeout=5.0).start()
+        host, port = tcp_sock.getsockname()[:2]
+        logger.info("public API on http://%s:%d; admin API on %s", host, port, admin_sock.getsockname())
+
+    def _install_signals(self, reloader: Reloader) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, _spawn(reloader.reload))
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+def _spawn(factory: Callable[[], Any]) -> Callable[[], None]:
+    """A signal handler that starts a coroutine and keeps a reference until it ends."""
+    running: set[asyncio.Task[Any]] = set()
+
+    def handler() -> None:
+        task = asyncio.ensure_future(factory())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    return handler
+
+
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _first_unix(sockets: Mapping[str, socket.socket]) -> socket.socket | None:
+    return next((s for s in sockets.values() if s.family == socket.AF_UNIX), None)
+
+
+def _first_tcp(sockets: Mapping[str, socket.socket]) -> socket.socket | None:
+    return next((s for s in sockets.values() if s.family in (socket.AF_INET, socket.AF_INET6)), None)

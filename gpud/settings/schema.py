@@ -1,0 +1,196 @@
+"""Every setting gpud reads, each declared once: type, default, environment names, parser, reloadability, help.
+
+Loading (gpud.settings.load), `gpud check-config`, reload (which settings apply live) and the README's settings
+table (gpud.settings.reference) are all derived from the declarations below. The YAML key is the field name.
+The original design's environment names (`GPU_DEVICE_IDS`, ...) stay valid; settings added since use `GPUD_`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpud.settings import parsers as p
+from gpud.settings.images import ImagePolicy
+
+_SPEC_KEY = "gpud.setting"
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """How one setting is read and documented."""
+
+    env: tuple[str, ...]
+    parse: Callable[[Any], Any]
+    help: str
+    reloadable: bool
+    secret: bool = False
+    # The README's default column, when the default value alone would say little (e.g. "all NVML GPUs").
+    shown_default: str | None = None
+
+
+def setting(
+    default: Any = None,
+    *,
+    env: str,
+    parse: Callable[[Any], Any],
+    help: str,
+    reload: bool = False,
+    secret: bool = False,
+    shown: str | None = None,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """Declare one setting as a dataclass field carrying its SettingSpec."""
+    spec = SettingSpec((env,), parse, help, reload, secret, shown)
+    metadata = {_SPEC_KEY: spec}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata, repr=not secret)
+    return field(default=default, metadata=metadata, repr=not secret)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting gpud reads. Built by `gpud.settings.load.load()`, which validates all of it."""
+
+    # GPUs
+    gpu_device_ids: tuple[int, ...] = setting(
+        (), env="GPU_DEVICE_IDS", parse=p.gpu_ids, shown="all NVML GPUs",
+        help="GPUs to manage, e.g. `0,1` (required with the static backend)",
+    )  # fmt: skip
+    gpu_device_difficulty: Mapping[int, str] = setting(
+        env="GPU_DEVICE_DIFFICULTY", parse=p.difficulty_map, reload=True, factory=dict, shown="every GPU `low`",
+        help="tags, e.g. `0:low,1:high`; an unknown GPU id is an error",
+    )  # fmt: skip
+    gpu_metrics_refresh_interval: float = setting(
+        5.0, env="GPU_METRICS_REFRESH_INTERVAL", parse=p.seconds, reload=True, help="seconds between NVML samples"
+    )
+    # Sessions and tasks
+    session_idle_timeout_seconds: float = setting(
+        300.0, env="SESSION_IDLE_TIMEOUT_SECONDS", parse=p.seconds, reload=True,
+        help="idle time (since last task or keepalive) before a session ends",
+    )  # fmt: skip
+    session_max_lifetime_seconds: float = setting(
+        3600.0, env="SESSION_MAX_LIFETIME_SECONDS", parse=p.seconds, reload=True,
+        help="after this a session takes no tasks and ends after the running one",
+    )  # fmt: skip
+    session_queue_max_size: int = setting(
+        5,
+        env="SESSION_QUEUE_MAX_SIZE",
+        parse=p.positive_int,
+        reload=True,
+        help="tasks waiting per session; more get 429",
+    )
+    # Models
+    file_service_url: str | None = setting(
+        env="FILE_SERVICE_URL", parse=p.url, reload=True, shown="none", help="where models are fetched from"
+    )
+    file_service_internal_key: str | None = setting(
+        env="FILE_SERVICE_INTERNAL_KEY", parse=p.optional_text, reload=True, secret=True, shown="none",
+        help="sent to the file service in the key header (`_FILE` variant reads it from a file)",
+    )  # fmt: skip
+    internal_api_key: tuple[str, ...] = setting(
+        (), env="INTERNAL_API_KEY", parse=p.api_keys, reload=True, secret=True, shown="none",
+        help="API key(s) for the public API, comma-separated (`_FILE` variant: one per line)",
+    )  # fmt: skip
+    auto_fetch_models: bool = setting(
+        True, env="AUTO_FETCH_MODELS", parse=p.boolean, reload=True, help="fetch models missing from the cache"
+    )
+    model_cache_dir: Path = setting(
+        Path("/var/lib/gpud/models"), env="MODEL_CACHE_DIR", parse=p.path, help="one directory per model"
+    )
+    allowed_docker_images: ImagePolicy = setting(
+        ImagePolicy(), env="ALLOWED_DOCKER_IMAGES", parse=p.image_policy, reload=True, shown="none (nothing runs)",
+        help="comma-separated globs, optional `@sha256:` pins (checked at load)",
+    )  # fmt: skip
+    default_task_timeout: float = setting(
+        300.0, env="DEFAULT_TASK_TIMEOUT", parse=p.seconds, reload=True, help="seconds, when a task gives none"
+    )
+    max_task_timeout: float = setting(
+        3600.0, env="MAX_TASK_TIMEOUT", parse=p.seconds, reload=True, help="larger `timeout_seconds` is a 400"
+    )
+    # Service
+    http_listen: tuple[str, int] = setting(
+        ("127.0.0.1", 8001), env="GPUD_HTTP_LISTEN", parse=p.listen_address, shown="127.0.0.1:8001",
+        help="public API address",
+    )  # fmt: skip
+    admin_socket: Path = setting(
+        Path("/run/gpud/gpud.sock"), env="GPUD_ADMIN_SOCKET", parse=p.path, help="admin API (mode 0660)"
+    )
+    admin_socket_group: str | None = setting(
+        env="GPUD_ADMIN_SOCKET_GROUP", parse=p.optional_text, shown="none", help="group that may use the admin socket"
+    )
+    presets_file: Path = setting(
+        Path("/etc/gpud/models.yaml"), env="GPUD_PRESETS_FILE", parse=p.path, reload=True, help="model presets"
+    )
+    gpu_backend: str = setting(
+        "auto", env="GPUD_GPU_BACKEND", parse=p.choice("auto", "nvml", "static"),
+        help="`auto` (NVML, else static with a log line) \\| `nvml` \\| `static`",
+    )  # fmt: skip
+    runtime: str = setting(
+        "podman", env="GPUD_RUNTIME", parse=p.choice("podman", "docker", "process"),
+        help="`podman` \\| `docker` \\| `process` (no isolation; development only)",
+    )  # fmt: skip
+    runtime_socket: str | None = setting(
+        env="GPUD_RUNTIME_SOCKET", parse=p.optional_text, shown="engine default", help="the engine's API socket"
+    )
+    state_dir: Path = setting(
+        Path("/var/lib/gpud"), env="GPUD_STATE_DIR", parse=p.path, help="worker sockets, task inputs, the SDK copy"
+    )
+    model_cache_max_bytes: int | None = setting(
+        env="GPUD_MODEL_CACHE_MAX_BYTES", parse=p.optional_size, shown="none",
+        help="cache size limit (LRU eviction of unused models)",
+    )  # fmt: skip
+    file_service_key_header: str = setting(
+        "X-Internal-Key", env="GPUD_FILE_SERVICE_KEY_HEADER", parse=p.non_empty_text, reload=True,
+        help="header that carries FILE_SERVICE_INTERNAL_KEY",
+    )  # fmt: skip
+    client_gone_grace_seconds: float = setting(
+        30.0, env="GPUD_CLIENT_GONE_GRACE_SECONDS", parse=p.seconds, reload=True,
+        help="a task with no client for this long is cancelled",
+    )  # fmt: skip
+    task_retention_seconds: float = setting(
+        600.0, env="GPUD_TASK_RETENTION_SECONDS", parse=p.seconds, reload=True,
+        help="finished tasks stay readable (and replayable) this long",
+    )  # fmt: skip
+    sse_heartbeat_seconds: float = setting(
+        15.0, env="GPUD_SSE_HEARTBEAT_SECONDS", parse=p.seconds, reload=True, help="comment heartbeat on idle streams"
+    )
+    metrics_public: bool = setting(
+        False, env="GPUD_METRICS_PUBLIC", parse=p.boolean, reload=True, help="serve `/metrics` without an API key"
+    )
+    max_request_bytes: int = setting(
+        1024 * 1024, env="GPUD_MAX_REQUEST_BYTES", parse=p.parse_size, shown="1m", help="larger bodies get 413"
+    )
+    log_level: str = setting(
+        "info", env="GPUD_LOG_LEVEL", parse=p.choice("debug", "info", "warning", "error"), reload=True,
+        help="debug, info, warning, error",
+    )  # fmt: skip
+    # Not a setting: the YAML file the values were read from, if any (for messages).
+    config_file: Path | None = None
+
+    def changed_fields(self, other: Settings) -> list[str]:
+        """Names of the settings whose values differ between self and other."""
+        return [name for name in SPECS if getattr(self, name) != getattr(other, name)]
+
+    def with_values(self, values: Mapping[str, Any]) -> Settings:
+        """A copy with some settings replaced (reload applies only the reloadable ones)."""
+        return dataclasses.replace(self, **values)
+
+
+# name -> spec, in declaration order (the README table's order).
+SPECS: dict[str, SettingSpec] = {
+    f.name: f.metadata[_SPEC_KEY] for f in dataclasses.fields(Settings) if _SPEC_KEY in f.metadata
+}
+# Settings that a reload (SIGHUP) changes in place; the rest need a restart.
+RELOADABLE = frozenset(name for name, spec in SPECS.items() if spec.reloadable)
+
+
+def default_of(name: str) -> Any:
+    """The built-in default of a setting."""
+    fld = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    if fld.default_factory is not dataclasses.MISSING:
+        return fld.default_factory()
+    return fld.default

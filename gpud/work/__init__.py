@@ -1,0 +1,1 @@
+"""Work: task requests and records, event logs, submission, one-off runs and sessions."""
