@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import aiodocker
 import aiohttp
+from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 
 from gpud.runtime.base import (
@@ -118,6 +119,19 @@ def container_info(data: Mapping[str, Any]) -> ContainerInfo:
         exit_code=None if status is not ContainerState.EXITED else int(exit_code or 0),
         oom_killed=oom,
     )
+
+
+# The list-entry fields container_info reads.
+_LIST_FIELDS = ("Id", "Names", "Image", "State", "Status", "Labels", "Created")
+
+
+def _list_entry(container: DockerContainer) -> dict[str, Any]:
+    """The Engine API list entry a DockerContainer from containers.list() was made from.
+
+    DockerContainer exposes the entry only through item access and `in` (no keys(), get() or dict view),
+    so the fields container_info needs are copied out by name.
+    """
+    return {key: container[key] for key in _LIST_FIELDS if key in container}
 
 
 def _exit_code_from_status(status: str) -> int | None:
@@ -234,7 +248,10 @@ class DockerRuntime:
     async def _frames(self, container_id: str, *, follow: bool, skip: int) -> AsyncIterator[tuple[Stream, bytes]]:
         """(stream, payload) per log frame, after the first `skip` frames."""
         params = {"stdout": True, "stderr": True, "follow": follow}
-        # aiodocker's own log() merges the two streams, so read the frames (with their stream ids) here.
+        # Private on purpose: aiodocker has no public call that returns the raw logs response. Its public
+        # DockerContainer.log() decodes the frames into str and drops their stream id (stdout and stderr come
+        # out merged), and attach(logs=True) is another endpoint that always follows and has no follow=False.
+        # Docker._query gives the API-versioned, error-mapped response whose frames (with ids) are read here.
         query = self._client._query(f"containers/{container_id}/logs", params=params, timeout=_LONG)
         response = await self._guard(query.__aenter__, container_id)
         try:
@@ -287,7 +304,7 @@ class DockerRuntime:
         """All containers carrying every label."""
         filters = json.dumps({"label": [f"{k}={v}" for k, v in labels.items()]})
         found = await self._guard(lambda: self._client.containers.list(all=True, filters=filters))
-        return [container_info(c._container) for c in found]
+        return [container_info(_list_entry(c)) for c in found]
 
     async def health(self) -> EngineHealth:
         """Ping and version; never raises."""

@@ -165,8 +165,13 @@ class PodmanRuntime:
     def _request(self, method: str, path: str, **kwargs: Any) -> APIResponse:
         """One libpod call (in a worker thread); connection failures become EngineUnavailable."""
         kwargs.setdefault("timeout", _SHORT)
+        api = self._client.api
+        # APIClient's public verbs hand path, params, data, headers, timeout and stream unchanged to the
+        # same request builder (params go to requests as given: booleans as True/False, lists as repeated
+        # keys); their stream=False default equals the session default that stream=None falls back to.
+        send: Callable[..., APIResponse] = {"GET": api.get, "POST": api.post, "DELETE": api.delete}[method]
         try:
-            return self._client.api._request(method, path, **kwargs)
+            return send(path, **kwargs)
         except (APIError, requests.RequestException, OSError) as exc:
             raise EngineUnavailable(f"podman is not reachable at {self.socket}: {exc}") from exc
 
