@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -10,9 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from tests.waiting import WaitTimeout, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,20 +91,28 @@ class DaemonProcess:
         return self.stderr_path.read_text(errors="replace")
 
     def wait_for_message(self, needle: str, timeout: float = 20.0) -> str:
-        """Block until a notify datagram containing `needle` arrives; return that datagram."""
-        deadline = time.monotonic() + timeout
-        for message in self.messages:
-            if needle in message:
-                return message
-        while time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                message = self.notify.recv(4096).decode()
-                self.messages.append(message)
+        """Block until a notify datagram containing `needle` arrives (or has already); return that datagram."""
+
+        def received() -> str | None:
+            for message in self.messages:
                 if needle in message:
                     return message
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"gpud exited with {self.proc.returncode} before {needle!r}:\n{self.log}")
-        raise AssertionError(f"no notify message with {needle!r} in {timeout}s; got {self.messages}\n{self.log}")
+            try:
+                message = self.notify.recv(4096).decode()  # waits up to the socket's 0.2 s time-out
+            except TimeoutError:
+                # Nothing queued: once gpud has exited, nothing more will come.
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"gpud exited with {self.proc.returncode} before {needle!r}; got {self.messages}\n{self.log}"
+                    ) from None
+                return None
+            self.messages.append(message)
+            return message if needle in message else None
+
+        try:
+            return wait_for(received, f"a notify message with {needle!r}", timeout, interval=0)
+        except WaitTimeout as exc:
+            raise WaitTimeout(f"{exc}; got {self.messages}\n{self.log}") from None
 
     def request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, admin: bool = False

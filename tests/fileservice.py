@@ -14,6 +14,7 @@ import hashlib
 import io
 import signal
 import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class FileService:
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
     requests: collections.Counter[str] = field(default_factory=collections.Counter)
     failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    request_headers: list[Mapping[str, str]] = field(default_factory=list)  # every download request's, in order
     _runner: web.AppRunner | None = None
     url: str = ""
 
@@ -144,6 +146,7 @@ class FileService:
             self._runner = None
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
+        self.request_headers.append(request.headers.copy())
         if self.key is not None and request.headers.get(self.key_header) != self.key:
             return web.json_response({"error": "bad internal key"}, status=401)
         try:

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from gpud import __version__
 from tests.daemonproc import REPO
 from tests.integration.cutproxy import CuttingProxy
 from tests.integration.gpuctl_env import MODEL_ID, TOKENS, GpudHost, gpuctl_command, gpuctl_env, start_host
+from tests.waiting import wait_for
 
 FETCH_MODEL = "fetched-model"
 STREAM_30 = ("--meta", "max_tokens=30", "--meta", "delay=0.1")
@@ -138,17 +138,6 @@ def new_session(gpuctl: Gpuctl, tokens: int = 3) -> str:
     assert finish["event"] == "task_finish" and finish["data"]["status"] == "completed"
     ready = [e for e in result.json_lines() if e["event"] == "connection"]
     return str(ready[0]["data"]["session_id"])
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    """Poll until check() is truthy (readiness, not a speed assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---- read-only commands, both formats -----------------------------------------------------------------------------

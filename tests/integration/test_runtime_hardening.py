@@ -19,6 +19,7 @@ from gpud.runtime import make_runtime
 from gpud.runtime.base import ContainerRuntime, ContainerSpec, EngineUnavailable, GpuDevice, Mount, Stream
 from gpud.runtime.spec import build_spec
 from gpud.settings.presets import Limits, Preset
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1024**2
@@ -105,10 +106,9 @@ async def test_process_runtime_says_it_is_not_isolated() -> None:
     assert "without container isolation" in health.detail
 
 
-async def wait_healthy(rt: ContainerRuntime, want: bool) -> None:
-    """Poll health until it is `want` (bounded by the test timeout, not asserted on time)."""
-    while (await rt.health()).ok is not want:
-        await asyncio.sleep(0.1)
+async def healthy(rt: ContainerRuntime) -> bool:
+    """Whether the runtime's engine answers now."""
+    return (await rt.health()).ok
 
 
 @pytest.fixture
@@ -149,13 +149,13 @@ async def test_podman_down_is_unavailable_and_recovers_without_restart(
     try:
         await assert_unavailable(rt)  # nothing listens yet
         procs.append(start_podman_service(socket))
-        await asyncio.wait_for(wait_healthy(rt, True), 60)
+        await wait_until(lambda: healthy(rt), "the engine to answer health checks", timeout=60)
         assert isinstance(await rt.list({"gpud.managed": "true"}), list)
         procs[-1].terminate()
         procs[-1].wait(timeout=30)
         await assert_unavailable(rt)
         procs.append(start_podman_service(socket))  # the engine returns: the same object recovers
-        await asyncio.wait_for(wait_healthy(rt, True), 60)
+        await wait_until(lambda: healthy(rt), "the engine to answer health checks", timeout=60)
         assert (await rt.health()).version
         assert isinstance(await rt.list({"gpud.managed": "true"}), list)
     finally:
@@ -169,7 +169,7 @@ async def test_docker_socket_appearing_later_recovers_without_restart(tmp_path: 
     try:
         await assert_unavailable(rt)
         socket.symlink_to(real)  # the engine "returns" at the path the runtime was given
-        await asyncio.wait_for(wait_healthy(rt, True), 60)
+        await wait_until(lambda: healthy(rt), "the engine to answer health checks", timeout=60)
         assert isinstance(await rt.list({"gpud.managed": "true"}), list)
     finally:
         await rt.close()

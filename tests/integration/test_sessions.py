@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from tests.integration.stack import Stack, parse_sse, runtimes, stack_fixture
+from tests.waiting import wait_until
 
 
 @pytest.fixture(params=runtimes())
@@ -39,16 +39,6 @@ async def open_session(stack: Stack, **metadata: Any) -> tuple[str, list]:
     return connection.data["session_id"], events
 
 
-async def wait_for(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await check()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
 async def test_second_request_reuses_the_container_and_the_loaded_model(stack: Stack) -> None:
     session_id, first = await open_session(stack)
     statuses = [e.data["status"] for e in first if e.event == "worker"]
@@ -70,7 +60,7 @@ async def test_fifo_order_of_five_queued_and_the_sixth_gets_429(stack: Stack) ->
     blocker = await stack.submit(
         stack.body("session", session_id=session_id, metadata={"max_tokens": 20, "delay": 0.1})
     )
-    await wait_for(lambda: _state(stack, session_id, "working"))
+    await wait_until(lambda: _state(stack, session_id, "working"), "the session to be working on the task")
     queued = [
         await stack.submit(stack.body("session", session_id=session_id, metadata={"prompt": f"q{i}", "max_tokens": 1}))
         for i in range(5)
@@ -97,7 +87,7 @@ async def _state(stack: Stack, session_id: str, state: str) -> bool:
 
 async def test_idle_timeout_ends_the_session_and_frees_everything(short_stack: Stack) -> None:
     session_id, _ = await open_session(short_stack)
-    await wait_for(lambda: _state(short_stack, session_id, "stopped"))
+    await wait_until(lambda: _state(short_stack, session_id, "stopped"), "the session to stop")
     _, session = await short_stack.get(f"/api/sessions/{session_id}")
     assert session["end_reason"] == "idle_timeout"
     assert await short_stack.containers() == [] and short_stack.services.scheduler.leases() == []
@@ -110,8 +100,8 @@ async def test_keepalive_holds_off_the_idle_timeout(short_stack: Stack) -> None:
     for _ in range(8):  # 4 s of keepalives every 0.5 s: well past the 1.5 s idle timeout
         status, body = await short_stack.call("POST", f"/api/sessions/{session_id}/keepalive")
         assert status == 200 and body["state"] == "ready"
-        await asyncio.sleep(0.5)
-    await wait_for(lambda: _state(short_stack, session_id, "stopped"))
+        await asyncio.sleep(0.5)  # the time passing between keepalives is what this test is about
+    await wait_until(lambda: _state(short_stack, session_id, "stopped"), "the session to stop")
 
 
 @pytest.fixture(params=runtimes())
@@ -127,7 +117,7 @@ async def test_max_lifetime_ends_the_session_after_the_running_task(lifetime_sta
     # This task outlives the session's lifetime: it still completes, then the session ends.
     events = await stack.run(stack.body("session", session_id=session_id, metadata={"max_tokens": 30, "delay": 0.1}))
     assert finish_of(events)["status"] == "completed"
-    await wait_for(lambda: _state(stack, session_id, "stopped"))
+    await wait_until(lambda: _state(stack, session_id, "stopped"), "the session to stop")
     _, session = await stack.get(f"/api/sessions/{session_id}")
     assert session["end_reason"] == "max_lifetime"
     async with await stack.submit(stack.body("session", session_id=session_id)) as late:
@@ -140,7 +130,7 @@ async def test_kill_cancels_running_and_queued_tasks_and_removes_the_worker(stac
     running = await stack.submit(
         stack.body("session", session_id=session_id, metadata={"max_tokens": 100, "delay": 0.1})
     )
-    await wait_for(lambda: _state(stack, session_id, "working"))
+    await wait_until(lambda: _state(stack, session_id, "working"), "the session to be working on the task")
     queued = await stack.submit(stack.body("session", session_id=session_id))
     status, body = await stack.call("DELETE", f"/api/sessions/{session_id}")
     assert status == 200 and body["state"] == "stopped" and body["end_reason"] == "killed"
@@ -155,7 +145,7 @@ async def test_worker_crash_mid_task_fails_it_and_the_queue_and_frees_the_gpu(st
     crashing = await stack.submit(
         stack.body("session", session_id=session_id, metadata={"crash": True, "max_tokens": 20, "delay": 0.1})
     )
-    await wait_for(lambda: _state(stack, session_id, "working"))
+    await wait_until(lambda: _state(stack, session_id, "working"), "the session to be working on the task")
     queued = await stack.submit(stack.body("session", session_id=session_id))
     crashed = finish_of(parse_sse(await crashing.text()))
     assert crashed["status"] == "failed" and crashed["exit_code"] == 3
@@ -171,7 +161,7 @@ async def test_cancel_running_task_keeps_the_model_loaded_and_cancel_queued(stac
     running = await stack.submit(
         stack.body("session", session_id=session_id, metadata={"max_tokens": 200, "delay": 0.05})
     )
-    await wait_for(lambda: _state(stack, session_id, "working"))
+    await wait_until(lambda: _state(stack, session_id, "working"), "the session to be working on the task")
     queued = await stack.submit(stack.body("session", session_id=session_id))
     queued_id = parse_sse((await queued.content.readuntil(b"\n\n")).decode())[0].data["task_id"]
     status, body = await stack.call("DELETE", f"/api/tasks/{queued_id}")
@@ -192,12 +182,12 @@ async def test_worker_ignoring_cancel_is_restarted_and_the_client_told(stack: St
     stuck = await stack.submit(
         stack.body("session", session_id=session_id, metadata={"ignore_cancel": True, "max_tokens": 300, "delay": 0.1})
     )
-    await wait_for(lambda: _state(stack, session_id, "working"))
+    await wait_until(lambda: _state(stack, session_id, "working"), "the session to be working on the task")
     stuck_id = parse_sse((await stuck.content.readuntil(b"\n\n")).decode())[0].data["task_id"]
     await stack.call("DELETE", f"/api/tasks/{stuck_id}")
     finish = finish_of(parse_sse(await stuck.text()))
     assert finish["status"] == "cancelled" and "session was restarted" in finish["error"]["message"]
-    await wait_for(lambda: _state(stack, session_id, "ready"))
+    await wait_until(lambda: _state(stack, session_id, "ready"), "the session to be ready again")
     after = await stack.run(stack.body("session", session_id=session_id))
     assert finish_of(after)["status"] == "completed"
     _, session = await stack.get(f"/api/sessions/{session_id}")

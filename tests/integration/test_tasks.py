@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.integration.stack import API_KEY, Stack, parse_sse, runtimes, stack_fixture
+from tests.waiting import wait_until
 
 
 @pytest.fixture(params=runtimes())
@@ -101,7 +101,13 @@ async def test_disconnect_and_resume_with_last_event_id(stack: Stack) -> None:
         first += parse_sse((await response.content.readuntil(b"\n\n")).decode())
     response.close()  # the client goes away mid-task
     task_id = first[0].data["task_id"]
-    await asyncio.sleep(0.2)
+
+    async def went_on_without_the_client() -> dict | None:
+        _, task = await stack.get(f"/api/tasks/{task_id}")
+        return task if task["clients"] == 0 and task["events"] > first[-1].id else None
+
+    # gpud noticed the client is gone and the task logged events it missed: the resume must replay them.
+    await wait_until(went_on_without_the_client, "the task to go on without its client")
     headers = {"X-API-Key": API_KEY, "Last-Event-ID": str(first[-1].id)}
     async with stack.session.get(f"{stack.url}/api/tasks/{task_id}/events", headers=headers) as again:
         rest = parse_sse(await again.text())
@@ -117,17 +123,18 @@ async def test_task_whose_clients_are_gone_is_cancelled_after_grace(stack: Stack
     response = await stack.submit(stack.body("oneoff", metadata={"sleep": 60}))
     task_id = parse_sse((await response.content.readuntil(b"\n\n")).decode())[0].data["task_id"]
     response.close()
-    for _ in range(100):
+
+    async def ended() -> dict | None:
         _, task = await stack.get(f"/api/tasks/{task_id}")
-        if task["status"] == "cancelled":
-            break
-        await asyncio.sleep(0.1)
+        return task if task["status"] not in ("queued", "running") else None
+
+    task = await wait_until(ended, "the abandoned task to end")
     assert task["status"] == "cancelled" and task["error"]["code"] == "client_gone"
-    for _ in range(50):
-        if not await stack.containers():
-            break
-        await asyncio.sleep(0.1)
-    assert await stack.containers() == []
+
+    async def no_containers() -> bool:
+        return await stack.containers() == []
+
+    await wait_until(no_containers, "the task's container to be removed", timeout=5)
 
 
 async def test_list_and_show_tasks(stack: Stack) -> None:

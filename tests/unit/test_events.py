@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from gpud.work.events import Event, EventType, TaskEventLog
+from tests.waiting import wait_until
 
 
 def delta(log: TaskEventLog, text: str) -> Event | None:
@@ -51,11 +52,11 @@ async def test_live_continuation_after_replay() -> None:
             seen.append(event.data.get("delta", event.type.value))
 
     task = asyncio.create_task(reader())
-    await asyncio.sleep(0.01)
-    assert seen == ["a"]  # replayed, now waiting live
+    # Replayed; the reader's only suspension point after an event is the live wait, so it now waits live.
+    await wait_until(lambda: seen == ["a"], "the stored event to be replayed", timeout=5)
+    assert log.subscribers == 1 and not task.done()
     delta(log, "b")
-    await asyncio.sleep(0.01)
-    assert seen == ["a", "b"]
+    await wait_until(lambda: seen == ["a", "b"], "the live event", timeout=5)
     log.finish({"status": "completed"})
     await asyncio.wait_for(task, 1)
     assert seen == ["a", "b", "task_finish"]
@@ -124,8 +125,9 @@ async def test_over_max_events_deltas_are_coalesced_and_nothing_is_lost() -> Non
     big = delta(log, "b" * 40)  # 60 buffered bytes >= 50: published as one event
     assert big is not None and big.id == 11 and big.data["delta"] == "a" * 20 + "b" * 40
     delta(log, "c")
-    await asyncio.sleep(0.15)  # the timer publishes a slow trickle too
-    assert log.last_id == 12 and log.events(11)[0].data["delta"] == "c"
+    # Only the coalescing timer (0.05 s) can publish "c" now: no more appends come until it has.
+    await wait_until(lambda: log.last_id == 12, "the coalescing timer to publish the slow trickle", timeout=5)
+    assert log.events(11)[0].data["delta"] == "c"
     delta(log, "d")
     text = log.append(EventType.TEXT, {"text": "full"})  # control events flush the buffer first, in order
     assert text is not None and text.id == 14

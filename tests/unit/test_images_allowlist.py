@@ -10,6 +10,7 @@ from gpud.errors import ErrorKind
 from gpud.runtime.base import ImageUnavailable, ProgressCallback
 from gpud.runtime.images import ImageEnsurer
 from gpud.settings.images import ImageNotAllowed, ImagePolicy, normalize_reference
+from tests.waiting import wait_until
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER = "sha256:" + "cd" * 32
@@ -82,10 +83,10 @@ async def test_concurrent_callers_share_one_pull_and_see_progress() -> None:
     ensurer = ImageEnsurer(reg.present, reg.pull)
     seen: list[list[str]] = [[], [], []]
     tasks = [asyncio.create_task(ensurer.ensure("img", seen[i].append)) for i in range(3)]
-    while not reg.pulls:
-        await asyncio.sleep(0)
-    await asyncio.sleep(0.01)
-    assert ensurer.in_flight() == {"img"}
+    await wait_until(lambda: reg.pulls, "the pull to start", timeout=5)
+    # All three callers hang on that one pull: the progress it reported reached each of them.
+    await wait_until(lambda: seen == [["downloading"]] * 3, "every caller to see the pull's progress", timeout=5)
+    assert ensurer.in_flight() == {"img"} and not any(task.done() for task in tasks)
     reg.gate.set()
     await asyncio.gather(*tasks)
     assert reg.pulls == ["img"]
@@ -112,8 +113,7 @@ async def test_cancelled_waiter_does_not_cancel_shared_pull() -> None:
     ensurer = ImageEnsurer(reg.present, reg.pull)
     first = asyncio.create_task(ensurer.ensure("img"))
     second = asyncio.create_task(ensurer.ensure("img"))
-    while not reg.pulls:
-        await asyncio.sleep(0)
+    await wait_until(lambda: reg.pulls, "the shared pull to start", timeout=5)
     first.cancel()
     reg.gate.set()
     await second

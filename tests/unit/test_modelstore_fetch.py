@@ -15,6 +15,7 @@ import pytest
 from gpud.errors import GpudError, NotFound, Unavailable
 from gpud.modelstore import MANIFEST_NAME, FetchPhase, FetchProgress, ModelStore
 from tests.fileservice import FileService
+from tests.waiting import wait_until
 
 MiB = 1 << 20
 MakeStore = Callable[..., Awaitable[ModelStore]]
@@ -70,11 +71,10 @@ async def test_late_joiner_gets_progress_and_cancelled_waiter_does_not_stop_fetc
     st = await make_store()
     first: list[FetchProgress] = []
     quitter = asyncio.create_task(st.ensure("m", first.append))
-    while not any(u.bytes_done > 0 for u in first):
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: any(u.bytes_done > 0 for u in first), "the first bytes to arrive", timeout=10)
     late: list[FetchProgress] = []
     late_task = asyncio.create_task(st.ensure("m", late.append))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # one turn of the loop: the joiner's task runs up to its wait on the shared fetch
     assert late and late[0].bytes_done > 0, "a joiner is told where the fetch stands at once"
     assert st.info("m").complete is False and st.info("m").fetching is not None
     quitter.cancel()
@@ -130,6 +130,9 @@ async def test_custom_key_header(make_store: MakeStore, svc: FileService) -> Non
     svc.add_zeros("m", MiB)
     st = await make_store(key_header="X-File-Key")
     await st.ensure("m")
+    assert svc.requests["m"] == 1  # counted only once the key check passed
+    assert [h.get("X-File-Key") for h in svc.request_headers] == [svc.key], "the key went in the custom header"
+    assert [h.get("X-Internal-Key") for h in svc.request_headers] == [None], "and not in the default one"
 
 
 async def test_corrupt_download_never_published(make_store: MakeStore, svc: FileService) -> None:

@@ -17,6 +17,7 @@ from aiohttp_sse_client2 import client as sse_client
 
 from gpud.api.sse import open_event_stream, stream_task_events
 from gpud.work.events import EventType, TaskEventLog
+from tests.waiting import wait_until
 
 MULTILINE = "first line\nsecond line\r\nthird\rfourth\n\n: not a comment\ndata: not a field\n"
 
@@ -94,11 +95,24 @@ def fill(log: TaskEventLog) -> None:
     log.append(EventType.TEXT, {"text": MULTILINE})
 
 
-async def read_strict(resp: aiohttp.ClientResponse, parser: StrictParser, until: Callable[[], bool]) -> None:
-    async for chunk in resp.content.iter_any():
+async def read_until(resp: aiohttp.ClientResponse, parser: StrictParser, done: Callable[[], bool], what: str) -> None:
+    """Feed the parser what the server sends until done() holds (reading blocks: no polling interval)."""
+
+    async def read_more() -> bool:
+        if done():
+            return True
+        chunk = await resp.content.readany()
+        if not chunk:
+            raise AssertionError(f"the stream ended before {what}")
         parser.feed(chunk.decode())
-        if until():
-            return
+        return done()
+
+    await wait_until(read_more, what, timeout=5, interval=0)
+
+
+async def read_to_end(resp: aiohttp.ClientResponse, parser: StrictParser) -> None:
+    """Feed the parser the rest of the stream; the server must end it."""
+    parser.feed((await asyncio.wait_for(resp.content.read(), 5)).decode())
 
 
 async def test_independent_client_parses_ids_names_and_multiline_data(aiohttp_server: ServerFactory) -> None:
@@ -150,7 +164,7 @@ async def test_resume_with_last_event_id_loses_nothing_and_duplicates_nothing(
         for i in range(200):
             log.append(EventType.TEXT_DELTA, {"delta": f"{i}\n"})
             if i % 10 == 0:
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.001)  # pacing, not ordering: lets the readers interleave with the writes
         log.finish({"status": "completed"})
 
     producer = asyncio.create_task(produce())
@@ -193,13 +207,13 @@ async def test_heartbeat_comment_on_an_idle_stream_then_live_events(aiohttp_serv
     server = await aiohttp_server(make_app(log, heartbeat=0.05))
     parser = StrictParser()
     async with aiohttp.ClientSession() as session, session.get(server.make_url("/events")) as resp:
-        await asyncio.wait_for(read_strict(resp, parser, lambda: len(parser.comments) >= 2), 5)
+        await read_until(resp, parser, lambda: len(parser.comments) >= 2, "two heartbeat comments")
         assert parser.comments[:2] == ["ping", "ping"] and parser.events == []
         log.append(EventType.TEXT_DELTA, {"delta": "live"})
-        await asyncio.wait_for(read_strict(resp, parser, lambda: bool(parser.events)), 5)
+        await read_until(resp, parser, lambda: bool(parser.events), "the live event")
         assert json.loads(parser.events[0].data)["delta"] == "live"
         log.finish({"status": "completed"})
-        await asyncio.wait_for(read_strict(resp, parser, lambda: False), 5)  # ends: the server closes
+        await read_to_end(resp, parser)  # ends: the server closes
     assert [e.type for e in parser.events] == ["text_delta", "task_finish"]
 
 
@@ -209,10 +223,10 @@ async def test_post_submit_stream_opens_before_work(aiohttp_server: ServerFactor
     parser = StrictParser()
     async with aiohttp.ClientSession() as session, session.post(server.make_url("/submit")) as resp:
         assert resp.status == 200
-        await asyncio.wait_for(read_strict(resp, parser, lambda: bool(parser.events)), 5)
+        await read_until(resp, parser, lambda: bool(parser.events), "the first event")
         assert parser.events[0].type == "connection"
         log.finish({"status": "completed"})
-        await asyncio.wait_for(read_strict(resp, parser, lambda: False), 5)
+        await read_to_end(resp, parser)
     assert [e.id for e in parser.events] == ["1", "2"]
 
 
@@ -228,13 +242,12 @@ async def test_client_disconnect_is_clean_and_releases_the_subscriber(
         await resp.content.readline()
         assert log.subscribers == 1
         resp.close()  # gone while the stream is idle
-    for _ in range(100):
-        if log.subscribers == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert log.subscribers == 0 and log.last_left_at is not None
+    # The handler notices within its disconnect poll (1 s) and lets go of the log.
+    await wait_until(lambda: log.subscribers == 0, "the handler to release the subscriber", timeout=5)
+    assert log.last_left_at is not None
     log.append(EventType.TEXT_DELTA, {"delta": "after"})
     log.finish({"status": "completed"})
-    await asyncio.sleep(0.1)
+    # aiohttp drops a connection from its list once the handler task is done: anything it logs is logged by then.
+    await wait_until(lambda: not server.runner.server.connections, "the request handler to finish", timeout=5)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
