@@ -36,6 +36,7 @@ setup(
             "pytest-asyncio>=0.23",
             "pytest-timeout>=2.2",
             "aiohttp-sse-client2>=0.3",
+            "hypothesis>=6.100",
             "ruff>=0.6",
             "mypy>=1.10",
             "types-PyYAML",

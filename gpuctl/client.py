@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuctl import unixhttp
+from gpuctl.trust import untrusted_reason
 from gpuctl.unixhttp import ConnectFailed, Response
 
 DEFAULT_SOCKET = "/run/gpud/gpud.sock"
@@ -64,6 +65,15 @@ class Unreachable(ClientError):
         self.path = path
         self.reason = reason
         self.permission = permission
+
+
+class UntrustedSocket(ClientError):
+    """The socket, or a directory above it, could be another user's: gpuctl will not talk to it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 class ApiError(ClientError):
@@ -245,6 +255,8 @@ class Client:
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
+        if reason := untrusted_reason(self.socket_path):
+            raise UntrustedSocket(self.socket_path, reason)
         try:
             return unixhttp.request(self.socket_path, method, path, body=payload, headers=headers, timeout=timeout)
         except ConnectFailed as exc:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from gpuctl.client import ApiError, Client, ClientError, SocketChoice, StreamLost, Unreachable
+from gpuctl.client import ApiError, Client, ClientError, SocketChoice, StreamLost, Unreachable, UntrustedSocket
 from gpuctl.output import Style, colour_enabled, dump_json
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -93,6 +93,11 @@ def exit_code_for(app: App, exc: ClientError) -> ExitCode:
     if isinstance(exc, Unreachable) and exc.permission:
         warn(app, f"permission denied on the admin socket {where}: add your user to group gpud")
         click.echo('  e.g. sudo usermod -aG gpud "$USER", then log in again', err=True)
+        return ExitCode.UNREACHABLE
+    if isinstance(exc, UntrustedSocket):
+        warn(app, f"refusing to use the admin socket {where}: {exc.reason}")
+        click.echo("  another user could have put a fake gpud there; the socket and the directories above it", err=True)
+        click.echo("  must be owned by root or you, and its directory writable by no one else", err=True)
         return ExitCode.UNREACHABLE
     if isinstance(exc, Unreachable):
         warn(app, f"cannot reach gpud at {where}: {exc.reason}")

@@ -47,7 +47,7 @@ def run(config_file: Path | None, dev: bool, **flags: Any) -> None:
     import os
 
     from gpud.daemon import logs
-    from gpud.daemon.listeners import AlreadyRunning
+    from gpud.daemon.listeners import AlreadyRunning, UnsafeSocketDirectory
     from gpud.daemon.reload import LoadRequest
     from gpud.daemon.run import Daemon
 
@@ -56,7 +56,7 @@ def run(config_file: Path | None, dev: bool, **flags: Any) -> None:
     logs.setup_logging(settings.log_level)
     try:
         code = asyncio.run(Daemon(request, settings).run())
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, UnsafeSocketDirectory) as exc:
         click.echo(f"gpud: {exc}", err=True)
         sys.exit(1)
     except ConfigError as exc:

@@ -30,6 +30,19 @@ class Metrics:
             ["app", "route"],
             registry=self.registry,
         )
+        self.http_connections_open = Gauge(
+            "gpud_http_connections_open", "Open HTTP connections by app (capped per app)", ["app"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.http_connections_refused = Counter(
+            "gpud_http_connections_refused_total", "Connections refused with 503 because the app's cap was reached",
+            ["app"], registry=self.registry,
+        )  # fmt: skip
+        self.http_connections_timed_out = Counter(
+            "gpud_http_connections_timed_out_total",
+            "Connections closed for sending no request head in time (header) or idling between requests (idle)",
+            ["app", "reason"], registry=self.registry,
+        )  # fmt: skip
         self.tasks_finished = Counter(
             "gpud_tasks_finished_total", "Tasks that ended, by type and final status", ["type", "status"],
             registry=self.registry,

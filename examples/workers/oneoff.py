@@ -1,6 +1,6 @@
 """Example one-off command: plain stdlib, no SDK. Reads its input, prints tokens, exits with a chosen code.
 
-Input: the JSON file named by GPUD_TASK_INPUT_FILE, else the JSON in GPUD_TASK_INPUT. Fields: prompt (its words
+Input: the JSON file named by GPUD_TASK_INPUT_FILE (mode 0400, this worker's uid only). Fields: prompt (its words
 are the tokens, else token-0..), max_tokens (default 5), delay (seconds between lines), sleep (seconds to sleep
 before exiting: for timeout tests), exit_code (default 0).
 """
@@ -15,13 +15,12 @@ from typing import Any
 
 
 def read_input() -> dict[str, Any]:
-    """The task's metadata; the file wins because it is never truncated by environment size limits."""
+    """The task's metadata, from the file gpud wrote (never the environment, which others may read)."""
     path = os.environ.get("GPUD_TASK_INPUT_FILE")
+    raw = ""
     if path:
         with open(path, encoding="utf-8") as fh:
             raw = fh.read()
-    else:
-        raw = os.environ.get("GPUD_TASK_INPUT", "")
     value = json.loads(raw) if raw.strip() else {}
     return value if isinstance(value, dict) else {}
 

@@ -43,8 +43,9 @@ class AppServices:
     reload: keys.ReloadFunction | None = None
 
 
-def _shared_app(services: AppServices, name: str, auth: Middleware) -> web.Application:
-    """An app with the routes both sockets serve; `auth` decides who may call it."""
+def _shared_app(services: AppServices, name: str, auth: Middleware, names_holders: bool) -> web.Application:
+    """An app with the routes both sockets serve; `auth` decides who may call it; `names_holders` whether GPU
+    reports (/health, /api/gpus) name the session or task holding each GPU."""
     app = web.Application(
         middlewares=[metrics_middleware(name), error_middleware, auth],
         client_max_size=services.config.settings.max_request_bytes,
@@ -59,6 +60,7 @@ def _shared_app(services: AppServices, name: str, auth: Middleware) -> web.Appli
     app[keys.METRICS] = services.metrics
     app[keys.STARTED] = services.started
     app[keys.RELOAD] = services.reload
+    app[keys.NAMES_HOLDERS] = names_holders
     add_health_routes(app)
     add_preset_routes(app)
     add_task_routes(app)
@@ -67,13 +69,13 @@ def _shared_app(services: AppServices, name: str, auth: Middleware) -> web.Appli
 
 
 def make_public_app(services: AppServices) -> web.Application:
-    """The TCP app: tasks, sessions, health and metrics, behind X-API-Key."""
-    return _shared_app(services, "public", api_key_middleware)
+    """The TCP app: tasks, sessions, health and metrics, behind X-API-Key (/health without: it names no holder)."""
+    return _shared_app(services, "public", api_key_middleware, names_holders=False)
 
 
 def make_admin_app(services: AppServices, policy: PeerPolicy) -> web.Application:
     """The Unix-socket app: everything public plus operator routes; the peer's credentials are the auth."""
-    app = _shared_app(services, "admin", peer_middleware(policy))
+    app = _shared_app(services, "admin", peer_middleware(policy), names_holders=True)
     add_admin_routes(app)
     add_log_routes(app)
     add_model_routes(app)

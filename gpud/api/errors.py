@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import math
 
 from aiohttp import web
 
+from gpud.api import keys
 from gpud.errors import ErrorKind, GpudError, InvalidRequest
+from gpud.jsonsafe import UnsafeJSON, loads_strict
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ CODE_BY_STATUS = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "request_too_large",
     415: "unsupported_media_type",
 }
@@ -51,20 +54,33 @@ def from_domain(exc: GpudError) -> web.Response:
 def from_http(exc: web.HTTPException) -> web.Response:
     """aiohttp's own errors (404 route, 405, 413) in gpud's error shape."""
     code = CODE_BY_STATUS.get(exc.status, "http_error")
-    message = exc.reason if exc.status != 413 else "request body is larger than the limit"
+    message = {413: "request body is larger than the limit", 408: exc.text or ""}.get(exc.status) or exc.reason
     response = error_response(exc.status, code, message)
+    if exc.status == 408:
+        response.force_close()  # Connection: close: a body that came too slowly ends its connection
     if exc.status == 405 and "Allow" in exc.headers:
         response.headers["Allow"] = exc.headers["Allow"]
     return response
 
 
 async def read_json_object(request: web.Request) -> dict[str, object]:
-    """The request body as a JSON object, or a 400 domain error saying what is wrong with it."""
+    """The request body as a JSON object, or a 400 domain error saying what is wrong with it.
+
+    The whole body must arrive within GPUD_BODY_TIMEOUT_SECONDS (else 408 and the connection closes): a body sent
+    a byte at a time would otherwise hold its connection, and the guard's deadlines do not run during a request.
+    """
+    limit = request.app[keys.CONFIG].settings.body_timeout_seconds
     try:
-        body = await request.read()
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        async with asyncio.timeout(limit):
+            body = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {limit:g} s") from None
+    try:
+        # Strict: NaN/Infinity, out-of-range numbers, lone surrogates and nesting deeper than 64 are refused
+        # here, so nothing unencodable (or recursive enough to blow the stack) reaches a task.
+        data = loads_strict(body)
+    except UnsafeJSON as exc:
+        raise InvalidRequest(f"request body is not acceptable JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
     return data

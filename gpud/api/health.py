@@ -14,10 +14,16 @@ from gpud.gpu.scheduler import Scheduler
 from gpud.runtime.base import EngineHealth
 
 
-def gpu_report(inventory: GpuInventory, scheduler: Scheduler, gpu: Gpu) -> dict[str, Any]:
-    """One GPU: identity, tag, latest sample, lease and drain state."""
+def gpu_report(inventory: GpuInventory, scheduler: Scheduler, gpu: Gpu, holders: bool = True) -> dict[str, Any]:
+    """One GPU: identity, tag, latest sample, lease and drain state. With `holders` false (the public app) the
+    lease says only its kind and age: a session or task id would let anyone who reads /health address it."""
     sample = inventory.sample(gpu.index)
     lease = scheduler.lease_of(gpu.index)
+    leased_to: dict[str, Any] | None = None
+    if lease is not None:
+        leased_to = {"kind": lease.kind, "since": lease.acquired_at}
+        if holders:
+            leased_to["id"] = lease.holder
     return {
         "id": gpu.index,
         "uuid": gpu.uuid,
@@ -33,15 +39,15 @@ def gpu_report(inventory: GpuInventory, scheduler: Scheduler, gpu: Gpu) -> dict[
         "power_watts": sample.power_watts if sample else None,
         "error": sample.error if sample else None,
         "leased": lease is not None,
-        "leased_to": {"kind": lease.kind, "id": lease.holder, "since": lease.acquired_at} if lease else None,
+        "leased_to": leased_to,
         "drained": scheduler.is_drained(gpu.index),
     }
 
 
 def gpu_reports(app: web.Application) -> list[dict[str, Any]]:
-    """Every GPU of the app's inventory."""
+    """Every GPU of the app's inventory; lease holders only where the app may name them (admin)."""
     inventory, scheduler = app[keys.INVENTORY], app[keys.SCHEDULER]
-    return [gpu_report(inventory, scheduler, gpu) for gpu in inventory.gpus]
+    return [gpu_report(inventory, scheduler, gpu, app[keys.NAMES_HOLDERS]) for gpu in inventory.gpus]
 
 
 def health_report(app: web.Application, engine: EngineHealth) -> dict[str, Any]:
@@ -51,6 +57,8 @@ def health_report(app: web.Application, engine: EngineHealth) -> dict[str, Any]:
     reasons = [f"GPU {index}: {error}" for index, error in sorted(inventory.unhealthy().items())]
     if not engine.ok:
         reasons.append(f"{engine.runtime} engine unreachable: {engine.detail}")
+    if engine.degraded:
+        reasons.append(engine.degraded)
     return {
         "status": "degraded" if reasons else "ok",
         "reasons": reasons,

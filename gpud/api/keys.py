@@ -39,3 +39,5 @@ SESSIONS: web.AppKey[SessionManager] = web.AppKey("sessions", SessionManager)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 STARTED: web.AppKey[ProcessStart] = web.AppKey("started", ProcessStart)
 RELOAD: web.AppKey[ReloadFunction | None] = web.AppKey("reload")
+# Whether responses may name who holds a GPU (session and task ids): the admin app yes, the public app no.
+NAMES_HOLDERS: web.AppKey[bool] = web.AppKey("names_holders", bool)

@@ -44,10 +44,14 @@ def key_is_valid(candidate: str | None, keys: Iterable[str]) -> bool:
     """Constant-time comparison against every configured key (no early exit reveals which matched)."""
     if not candidate or len(candidate) > MAX_API_KEY_LENGTH:
         return False
-    given = candidate.encode()
+    try:
+        # Header bytes that are not UTF-8 arrive as surrogate escapes: compare the bytes that were sent.
+        given = candidate.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no header decoding produces: not a key
+        return False
     matched = False
     for key in keys:
-        matched |= hmac.compare_digest(given, key.encode())
+        matched |= hmac.compare_digest(given, key.encode("utf-8", "surrogateescape"))
     return matched
 
 

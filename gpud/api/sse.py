@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Iterable, Iterator
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
@@ -14,19 +14,50 @@ from gpud.work.events import Event, Subscription, TaskEventLog
 
 logger = logging.getLogger(__name__)
 
-# Events written per write() call: one chunk, one syscall, one drain check for a whole backlog.
+# One write() holds at most this many events, and past _WRITE_BYTES only the event that crossed the mark; a big
+# event is written in slices of _WRITE_BYTES. A stalled client therefore pins one slice, not a backlog.
 _BATCH = 512
+_WRITE_BYTES = 256 * 1024
 # How often an idle stream looks for a vanished client (the heartbeat write also notices, later).
 _DISCONNECT_POLL = 1.0
+# A client that takes no data for this long is dropped (GPUD_SSE_SEND_TIMEOUT_SECONDS overrides it).
+DEFAULT_SEND_TIMEOUT = 30.0
+_HEARTBEAT = b": ping\n\n"
+_NO_LIBRARY_PING = 365 * 24 * 3600.0
 
 
 def format_event(event: Event) -> bytes:
-    """One SSE frame, built once per event. JSON never holds a raw CR or LF, so one `data:` line is valid framing."""
-    frame = event.frame_cache
-    if frame is None:
-        frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, event.type.value.encode(), event.json_bytes)
-        event.frame_cache = frame
-    return frame
+    """One SSE frame. JSON never holds a raw CR or LF, so one `data:` line is valid framing."""
+    return b"".join(_frame_parts(event))
+
+
+def _frame_parts(event: Event) -> tuple[bytes, bytes, bytes]:
+    head = b"id: %d\nevent: %s\ndata: " % (event.id, event.type.value.encode())
+    return head, event.json_bytes, b"\n\n"
+
+
+def _chunks(batch: list[Event]) -> Iterator[bytes | memoryview]:
+    """The frames of `batch` as writes of about _WRITE_BYTES: small frames joined, big ones sliced (no copy)."""
+    pending: list[bytes] = []
+    size = 0
+    for event in batch:
+        for part in _frame_parts(event):
+            if size + len(part) <= _WRITE_BYTES:
+                pending.append(part)
+                size += len(part)
+                continue
+            if pending:
+                yield b"".join(pending)
+                pending, size = [], 0
+            view = memoryview(part)
+            for start in range(0, len(view), _WRITE_BYTES):
+                piece = view[start : start + _WRITE_BYTES]
+                if len(piece) == _WRITE_BYTES:
+                    yield piece
+                else:  # the tail joins the next frames
+                    pending, size = [bytes(piece)], len(piece)
+    if pending:
+        yield b"".join(pending)
 
 
 def last_event_id(request: web.Request) -> int:
@@ -43,9 +74,16 @@ def last_event_id(request: web.Request) -> int:
     return value
 
 
-async def open_event_stream(request: web.Request, *, heartbeat: float) -> EventSourceResponse:
+async def open_event_stream(
+    request: web.Request, *, heartbeat: float, send_timeout: float = DEFAULT_SEND_TIMEOUT
+) -> EventSourceResponse:
     """Send the SSE headers now (any method, e.g. POST submit), so the caller can stream before work starts."""
-    response = EventSourceResponse(sep="\n", ping_interval=heartbeat, allow_all_methods=True)
+    # The library's own ping task would write between the slices of a big event and corrupt it: stream_task_events
+    # sends the heartbeat itself, from the one coroutine that writes. send_timeout also sets TCP_USER_TIMEOUT: the
+    # kernel drops a peer that acknowledges nothing for that long.
+    response = EventSourceResponse(
+        sep="\n", ping_interval=_NO_LIBRARY_PING, allow_all_methods=True, send_timeout=send_timeout
+    )
     # EventSourceResponse already sets these; repeated here because proxies buffering SSE is a real failure.
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
@@ -60,51 +98,108 @@ async def stream_task_events(
     heartbeat: float,
     response: EventSourceResponse | None = None,
     after_id: int | None = None,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
 ) -> web.StreamResponse:
-    """Stream `log` after `after_id` (default: from Last-Event-ID) until task_finish or client disconnect."""
+    """Stream `log` after `after_id` (default: from Last-Event-ID) until task_finish or client disconnect, with a
+    comment heartbeat after `heartbeat` idle seconds.
+
+    Every write must complete within `send_timeout`; a client that stops reading is dropped then (it may come
+    back with Last-Event-ID), so a stalled reader holds one bounded write, never a growing backlog."""
     if after_id is None:
         after_id = last_event_id(request)
     if response is None:
-        response = await open_event_stream(request, heartbeat=heartbeat)
+        response = await open_event_stream(request, heartbeat=heartbeat, send_timeout=send_timeout)
+    stream = _Stream(request, response, log, heartbeat, send_timeout)
     finished = False
     try:
-        finished = await _pump(request, response, log, after_id)
+        finished = await stream.pump(after_id)
     finally:
-        response.stop_streaming()  # ends the heartbeat task
+        response.stop_streaming()  # ends the library's (idle) ping task
     if finished:
-        with contextlib.suppress(ConnectionError):
-            await response.wait()
-            await response.write_eof()
+        try:
+            async with asyncio.timeout(send_timeout):
+                await response.wait()
+                await response.write_eof()
+        except (ConnectionError, TimeoutError):
+            stream.abort()
     return response
 
 
-async def _pump(request: web.Request, response: EventSourceResponse, log: TaskEventLog, after_id: int) -> bool:
-    """Write events as they come; True when the log ended, False when the client went away."""
-    with log.attach(after_id) as sub:
-        while True:
-            batch = sub.take(_BATCH)
-            if batch:
-                try:
-                    await response.write(b"".join([format_event(event) for event in batch]))
-                except ConnectionError:
-                    logger.debug("task %s: SSE client went away at event %d", log.task_id, sub.last_id)
+class _Stream:
+    """One client's stream: the only writer of its response (events and heartbeat, never interleaved)."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        response: EventSourceResponse,
+        log: TaskEventLog,
+        heartbeat: float,
+        send_timeout: float,
+    ) -> None:
+        self.request = request
+        self.response = response
+        self.log = log
+        self.heartbeat = heartbeat
+        self.send_timeout = send_timeout
+        self._loop = asyncio.get_running_loop()
+        self._last_write = self._loop.time()
+
+    async def pump(self, after_id: int) -> bool:
+        """Write events as they come; True when the log ended, False when the client went away or stalled."""
+        with self.log.attach(after_id) as sub:
+            while True:
+                batch = sub.take(_BATCH, _WRITE_BYTES)
+                if batch:
+                    if not await self._write(_chunks(batch), batch[0].id - 1):
+                        return False
+                    continue
+                if sub.exhausted:
+                    return True
+                state = await self._wait(sub)
+                if state == "gone":
+                    logger.debug("task %s: SSE client went away while idle", self.log.task_id)
                     return False
-                continue
-            if sub.exhausted:
-                return True
-            if not await _wait_or_gone(request, response, sub):
-                logger.debug("task %s: SSE client went away while idle", log.task_id)
-                return False
+                if state == "idle" and not await self._write([_HEARTBEAT], sub.last_id):
+                    return False
 
-
-async def _wait_or_gone(request: web.Request, response: EventSourceResponse, sub: Subscription) -> bool:
-    """Wait for more events; False if the client's connection closed meanwhile."""
-    while True:
+    async def _write(self, chunks: Iterable[bytes | memoryview], position: int) -> bool:
+        """Write every chunk, each within the send timeout; False (and the connection dropped) otherwise."""
         try:
-            async with asyncio.timeout(_DISCONNECT_POLL):
-                await sub.wait()
-            return True
+            for chunk in chunks:
+                async with asyncio.timeout(self.send_timeout):
+                    await self.response.write(chunk)
+        except ConnectionError:
+            logger.debug("task %s: SSE client went away after event %d", self.log.task_id, position)
+            return False
         except TimeoutError:
-            transport = request.transport
-            if transport is None or transport.is_closing() or not response.is_connected():
-                return False
+            logger.info(
+                "task %s: SSE client took no data for %gs; dropped after event %d (it may resume)",
+                self.log.task_id,
+                self.send_timeout,
+                position,
+            )
+            self.abort()
+            return False
+        self._last_write = self._loop.time()
+        return True
+
+    async def _wait(self, sub: Subscription) -> str:
+        """Wait for more events: "events" when they come, "idle" when a heartbeat is due, "gone" when the client's
+        connection closed meanwhile (looked at every _DISCONNECT_POLL seconds)."""
+        while True:
+            left = self._last_write + self.heartbeat - self._loop.time()
+            if left <= 0:
+                return "idle"
+            try:
+                async with asyncio.timeout(min(_DISCONNECT_POLL, left)):
+                    await sub.wait()
+                return "events"
+            except TimeoutError:
+                transport = self.request.transport
+                if transport is None or transport.is_closing():
+                    return "gone"
+
+    def abort(self) -> None:
+        """Drop the connection without a graceful close (a stalled peer would never take the rest)."""
+        if self.request.transport is not None:
+            self.request.transport.abort()

@@ -1,4 +1,11 @@
-"""Listening sockets: the admin Unix socket (mode 0660, group, stale-file handling) and the public TCP socket."""
+"""Listening sockets: the admin Unix socket (mode 0660, group, stale-file handling) and the public TCP socket.
+
+The admin socket's directory must be one no other user can change: whoever may create or rename entries in it
+(or in a directory above it) could put a fake daemon where gpuctl looks. gpud creates missing directories itself
+(0755, or 0750 with the admin group) and refuses to start when the directory, or one above it, is owned by
+another user than root or gpud's, or is writable by group or others (a sticky directory such as /tmp is fine
+above the socket's own directory, never as that directory).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,10 @@ class AlreadyRunning(Exception):
     """Another live daemon answers on the admin socket."""
 
 
+class UnsafeSocketDirectory(Exception):
+    """The admin socket's directory, or one above it, could be changed by another user."""
+
+
 @dataclass(frozen=True)
 class UnixListener:
     """A bound admin socket and the inode of its file, to remove only our own file at shutdown."""
@@ -37,7 +48,13 @@ class UnixListener:
 
 def bind_admin_socket(path: Path, group: str | None) -> UnixListener:
     """Create, bind and listen on the admin socket; replace a stale file, refuse if a daemon is live there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(path.parent, group)
+    problem = unsafe_directory(path.parent, os.geteuid())
+    if problem:
+        raise UnsafeSocketDirectory(
+            f"refusing to put the admin socket {path} there: {problem}; use a directory only root or uid "
+            f"{os.geteuid()} can write to (e.g. /run/gpud), or set GPUD_ADMIN_SOCKET"
+        )
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bind under a umask that already gives 0660, so the socket is never briefly wider than that.
@@ -55,6 +72,44 @@ def bind_admin_socket(path: Path, group: str | None) -> UnixListener:
     sock.listen(128)
     sock.setblocking(False)
     return UnixListener(path, sock, os.stat(path).st_ino)
+
+
+def _make_dirs(directory: Path, group: str | None) -> None:
+    """Create the missing directories down to `directory`: 0755, or 0750 owned by the admin group."""
+    mode = 0o750 if group else 0o755
+    gid = grp.getgrnam(group).gr_gid if group else -1
+    for missing in [d for d in (directory, *directory.parents) if not d.exists()][::-1]:
+        try:
+            missing.mkdir(mode)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: the safety check below decides about it
+        os.chmod(missing, mode)  # mkdir's mode is narrowed by the umask; the check wants exactly this
+        os.chown(missing, -1, gid)
+
+
+def unsafe_directory(directory: Path, uid: int) -> str | None:
+    """Why another user could swap entries in `directory` (or a directory above it, or a link on the way), or None.
+
+    Allowed owners are root and `uid`. The directory itself must not be writable by group or others; a directory
+    above it may be if it is sticky (like /tmp: others cannot rename what they do not own there).
+    """
+    real = Path(os.path.realpath(directory))
+    lexical = Path(os.path.abspath(directory))
+    for chain, follow in ((lexical, False), (real, True)):
+        for depth, entry in enumerate((chain, *chain.parents)):
+            try:
+                info = os.stat(entry) if follow else os.lstat(entry)
+            except OSError as exc:
+                return f"cannot check {entry}: {exc.strerror}"
+            if info.st_uid not in (0, uid):
+                return f"{entry} is owned by uid {info.st_uid}, not by root or uid {uid}"
+            if stat.S_ISLNK(info.st_mode):
+                continue  # a link's own mode means nothing; its directory and its target are checked
+            open_to = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            if open_to and (depth == 0 or not info.st_mode & stat.S_ISVTX):
+                who = "others" if info.st_mode & stat.S_IWOTH else "its group"
+                return f"{entry} is writable by {who} (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
 
 
 def _clear_stale(path: Path) -> None:

@@ -1,24 +1,64 @@
-"""Logging to stderr: timestamps in a terminal, `<N>` syslog priority prefixes under journald."""
+"""Logging to stderr: timestamps in a terminal, `<N>` syslog priority prefixes under journald.
+
+A log message often quotes what others control (a worker's error, a model id, a header). Control characters in
+the message itself (CR, LF, ESC, ...) are escaped, so no such text can start a line that looks like gpud's own;
+only a traceback or stack appended to a record keeps its lines, each of them indented.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 
 # syslog priorities by Python level, as sd-daemon(3) prefixes expect.
 _PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
+# C0 controls (tab included: a terminal moves on it), DEL, C1 controls, and the Unicode line and paragraph
+# separators some viewers break lines on.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
-class JournalFormatter(logging.Formatter):
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as an escape (\\n, \\r, \\t, \\x1b, \\u2028)."""
+    return _CONTROL.sub(_escape_one, text)
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+class SafeFormatter(logging.Formatter):
+    """A formatter whose records are one line each, apart from an attached traceback (indented)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The formatted record with its message's control characters escaped."""
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        """One line for the record; a traceback follows on lines of its own that all begin with whitespace, so
+        even an exception message quoting a newline cannot pass for a record."""
+        text = super().format(record)
+        first, newline, rest = text.partition("\n")
+        if not newline:
+            return first
+        lines = (escape_controls(line) for line in rest.split("\n"))
+        return first + "\n" + "\n".join(line if line[:1].isspace() else "  " + line for line in lines)
+
+
+class JournalFormatter(SafeFormatter):
     """`<6>gpud.daemon: message`: journald reads the priority and adds its own timestamp."""
 
     def format(self, record: logging.LogRecord) -> str:
-        """Prefix every line of the message (tracebacks included) so journald keeps them at one priority."""
+        """Prefix every line of the record (tracebacks included) so journald keeps them at one priority."""
         priority = _PRIORITIES.get(record.levelno, 6)
         text = super().format(record)
-        return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+        return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
 
 
 def setup_logging(level: str, environ: Mapping[str, str] | None = None) -> None:
@@ -28,7 +68,7 @@ def setup_logging(level: str, environ: Mapping[str, str] | None = None) -> None:
     if environ.get("JOURNAL_STREAM"):
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     set_level(level)

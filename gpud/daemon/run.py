@@ -10,13 +10,15 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from aiohttp import web
-
 from gpud import __version__
 from gpud.api.app import AppServices, make_admin_app, make_public_app
+from gpud.api.connections import ConnectionGuard, ConnectionLimits
+from gpud.api.listener import serve
+from gpud.api.logthrottle import BadRequestFilter, LogThrottle
 from gpud.api.peercred import PeerPolicy
 from gpud.daemon.listeners import UnixListener, bind_admin_socket, bind_tcp
 from gpud.daemon.reload import LoadRequest, Reloader, status_line
+from gpud.daemon.resources import LoopErrors, fit_caps, raise_fd_limit
 from gpud.daemon.services import create_services
 from gpud.daemon.systemd import Notifier, listen_sockets
 from gpud.settings import Settings
@@ -32,6 +34,7 @@ class Daemon:
         self._settings = settings
         self._notifier = notifier or Notifier()
         self._stop = asyncio.Event()
+        self._fd_limit = 1024
 
     def stop(self) -> None:
         """Ask the daemon to shut down (idempotent)."""
@@ -39,6 +42,15 @@ class Daemon:
 
     async def run(self) -> int:
         """Serve until stopped; return the process exit code."""
+        self._fd_limit = raise_fd_limit()  # before anything opens descriptors
+        loop_errors = LoopErrors()
+        loop_errors.install(asyncio.get_running_loop())
+        try:
+            return await self._run()
+        finally:
+            loop_errors.uninstall(asyncio.get_running_loop())
+
+    async def _run(self) -> int:
         services = create_services(self._settings)
         reloader = Reloader(self._request, services, self._notifier)
         async with contextlib.AsyncExitStack() as stack:
@@ -71,16 +83,23 @@ class Daemon:
         tcp_sock = activated.get("http") or _first_tcp(activated)
         if tcp_sock is None:
             tcp_sock = bind_tcp(*settings.http_listen)
-        for app, sock in (
-            (make_public_app(services), tcp_sock),
-            (make_admin_app(services, PeerPolicy(settings.admin_socket_group)), admin_sock),
+        # Each listener counts its connections apart: a flood on the public port leaves the admin socket room.
+        caps = fit_caps(settings.max_connections, settings.admin_max_connections, self._fd_limit)
+        throttle = LogThrottle()
+        bad_requests = BadRequestFilter(throttle)
+        logging.getLogger("aiohttp.server").addFilter(bad_requests)
+        stack.callback(logging.getLogger("aiohttp.server").removeFilter, bad_requests)
+        for name, app, sock, cap in (
+            ("public", make_public_app(services), tcp_sock, caps.public),
+            ("admin", make_admin_app(services, PeerPolicy(settings.admin_socket_group)), admin_sock, caps.admin),
         ):
-            runner = web.AppRunner(app, handle_signals=False, access_log=None)
-            await runner.setup()
-            stack.push_async_callback(runner.cleanup)
-            await web.SockSite(runner, sock, shutdown_timeout=5.0).start()
+            limits = ConnectionLimits(cap, settings.header_timeout_seconds, settings.http_idle_timeout_seconds)
+            await serve(app, sock, ConnectionGuard(name, limits, services.metrics, throttle), stack, throttle)
         host, port = tcp_sock.getsockname()[:2]
-        logger.info("public API on http://%s:%d; admin API on %s", host, port, admin_sock.getsockname())
+        logger.info(
+            "public API on http://%s:%d (at most %d connections); admin API on %s (at most %d); open-file limit %d",
+            host, port, caps.public, admin_sock.getsockname(), caps.admin, caps.fd_limit,
+        )  # fmt: skip
 
     def _install_signals(self, reloader: Reloader) -> None:
         loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from gpud.gpu.inventory import GpuInventory, open_inventory
 from gpud.gpu.scheduler import Scheduler
 from gpud.metrics import Metrics
 from gpud.modelstore import ModelStore
+from gpud.modelstore.config import archive_limits, fetch_pace
 from gpud.runtime import make_runtime
 from gpud.runtime.base import ContainerRuntime
 from gpud.settings import LiveConfig, Settings
@@ -22,6 +23,7 @@ from gpud.settings.presets import load_presets
 from gpud.work.oneoff import OneOffRunner
 from gpud.work.service import TaskService
 from gpud.work.sessions.manager import SessionManager
+from gpud.work.uids import WorkerIds
 from gpud.worker.install import install_sdk
 
 
@@ -81,6 +83,8 @@ class Services:
             internal_key=settings.file_service_internal_key,
             key_header=settings.file_service_key_header,
             auto_fetch=settings.auto_fetch_models,
+            limits=archive_limits(settings),
+            pace=fetch_pace(settings),
         )
         self.sessions.settings_changed()
 
@@ -98,7 +102,8 @@ class Services:
 def _prepare_state_dir(state_dir: Path) -> None:
     for sub in ("sessions", "tasks"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
-        # Workers run as another user and must reach their own socket/input directories below these.
+        # Traversable, not listable: each worker reaches only its own directory below, which is 0700 and
+        # owned by the worker's uid (gpud/work/uids.py); other users can neither list nor enter.
         (state_dir / sub).chmod(0o711)
     state_dir.chmod(0o711)
     install_sdk(state_dir / "sdk")
@@ -109,7 +114,8 @@ def create_services(settings: Settings, nvml: Any = None) -> Services:
     config = LiveConfig(settings, load_presets(settings.presets_file))
     inventory = open_inventory(settings.gpu_backend, settings.gpu_device_ids, settings.gpu_device_difficulty, nvml=nvml)
     scheduler = Scheduler(inventory)
-    runtime = make_runtime(settings.runtime, settings.runtime_socket)
+    options = {"allow_unisolated": settings.process_runtime_allow_unisolated} if settings.runtime == "process" else {}
+    runtime = make_runtime(settings.runtime, settings.runtime_socket, **options)
     models = ModelStore(
         settings.model_cache_dir,
         file_service_url=settings.file_service_url,
@@ -117,10 +123,14 @@ def create_services(settings: Settings, nvml: Any = None) -> Services:
         auto_fetch=settings.auto_fetch_models,
         max_bytes=settings.model_cache_max_bytes,
         key_header=settings.file_service_key_header,
+        limits=archive_limits(settings),
+        pace=fetch_pace(settings),
     )
     state = settings.state_dir
-    sessions = SessionManager(runtime, models, scheduler, config, state / "sessions", state / "sdk")
-    oneoff = OneOffRunner(runtime, models, scheduler, state / "tasks")
+    # One allocator for both: a session and a one-off must never share a uid.
+    ids = WorkerIds(*settings.worker_uid_range)
+    sessions = SessionManager(runtime, models, scheduler, config, state / "sessions", state / "sdk", ids=ids)
+    oneoff = OneOffRunner(runtime, models, scheduler, state / "tasks", ids)
     metrics = Metrics()
     tasks = TaskService(config, runtime, models, scheduler, oneoff, sessions, metrics)
     metrics.watch(StateCollector(inventory, scheduler, tasks.registry, sessions.registry))

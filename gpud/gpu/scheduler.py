@@ -36,6 +36,17 @@ class Scheduler:
 
     def acquire(self, difficulty: str, holder: str, kind: str) -> Lease:
         """Lease the lowest-numbered free, undrained GPU tagged `difficulty`, or raise Unavailable."""
+        gpu = self._free(difficulty)
+        lease = Lease(gpu=gpu, holder=holder, kind=kind, acquired_at=self._clock.time())
+        self._leases[gpu.index] = lease
+        logger.info("GPU %d (%s) leased to %s %s", gpu.index, difficulty, kind, holder)
+        return lease
+
+    def check(self, difficulty: str) -> None:
+        """Raise what acquire() would raise now, leasing nothing (work that must wait before it needs the GPU)."""
+        self._free(difficulty)
+
+    def _free(self, difficulty: str) -> Gpu:
         fitting = [gpu for gpu in self._inventory.gpus if gpu.difficulty == difficulty]
         if not fitting:
             raise Unavailable(
@@ -46,10 +57,7 @@ class Scheduler:
         unhealthy = self._inventory.unhealthy()
         for gpu in fitting:
             if gpu.index not in self._leases and gpu.index not in self._drained and gpu.index not in unhealthy:
-                lease = Lease(gpu=gpu, holder=holder, kind=kind, acquired_at=self._clock.time())
-                self._leases[gpu.index] = lease
-                logger.info("GPU %d (%s) leased to %s %s", gpu.index, difficulty, kind, holder)
-                return lease
+                return gpu
         raise Unavailable(
             f"all {len(fitting)} GPU(s) tagged {difficulty!r} are busy or drained",
             code="no_gpu_available",

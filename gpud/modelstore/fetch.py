@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import collections
-import ctypes
 import enum
 import errno
-import hashlib
 import logging
 import os
 import random
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
+
+from gpud.modelstore.pace import FetchPace, RateGuard
+from gpud.modelstore.sink import WRITE_QUEUE_DEPTH, Pipeline, load_sync_file_range
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +24,6 @@ DOWNLOAD_PATH = "/api/models/download"
 SHA256_HEADER = "X-Content-SHA256"
 DEFAULT_FILENAME = "model.bin"
 CHUNK_SIZE = 4 << 20  # bytes handed to the writer thread at once
-SYNC_FILE_RANGE_WRITE = 2
-WRITE_QUEUE_DEPTH = 4  # batches received ahead of the disk (4 x 4 MiB)
 TAR_TYPES = frozenset({"application/x-tar", "application/tar"})
 COMPRESSED_TAR_TYPES = frozenset(
     {
@@ -67,130 +63,11 @@ class Download:
 class FetchError(Exception):
     """A download failed; `cause` is for people, `retryable` says whether another attempt may help."""
 
-    def __init__(self, cause: str, *, retryable: bool) -> None:
+    def __init__(self, cause: str, *, retryable: bool, over_limit: bool = False) -> None:
         super().__init__(cause)
         self.cause = cause
         self.retryable = retryable
-
-
-def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
-    """libc sync_file_range (Linux), to start writeback while downloading; None where unavailable."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-
-    def start_writeback(fd: int, offset: int, length: int) -> None:
-        fn(fd, offset, length, SYNC_FILE_RANGE_WRITE)  # a hint: failure only costs speed
-
-    return start_writeback
-
-
-class _Sink:
-    """Writes and hashes batches of chunks, off the event loop: write() in one thread, hash() in another."""
-
-    def __init__(self, path: Path, start_writeback: Callable[[int, int, int], None] | None) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        self.digest = hashlib.sha256()
-        self.offset = 0
-        self._start_writeback = start_writeback
-
-    def hash(self, parts: list[bytes]) -> None:
-        """Feed parts to the sha256 (hashlib releases the GIL, so this runs beside the write)."""
-        for part in parts:
-            self.digest.update(part)
-
-    def write(self, parts: list[bytes]) -> None:
-        """Append parts (writev: no joining copy) and start their writeback."""
-        start = self.offset
-        end = start + sum(len(p) for p in parts)
-        while parts:
-            written = os.writev(self.fd, parts)
-            self.offset += written
-            parts = _drop_prefix(parts, written)
-        if self._start_writeback is not None:
-            # Start writing this batch to disk now, so the fsync at the end has little left to do
-            # and disk writes overlap the network instead of following it.
-            self._start_writeback(self.fd, start, end - start)
-
-    def finish(self) -> None:
-        """Make the data durable."""
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        """Close the file."""
-        os.close(self.fd)
-
-
-def _drop_prefix(parts: list[bytes], n: int) -> list[bytes]:
-    """What remains of parts after a short writev of n bytes."""
-    rest: list[bytes] = []
-    for part in parts:
-        if n >= len(part):
-            n -= len(part)
-        else:
-            rest.append(part[n:])
-            n = 0
-    return rest
-
-
-class _Pipeline:
-    """One writer and one hasher thread per download: batches stay in order, hashing runs beside writing
-    (sha256 costs about as much CPU as receiving), and up to `depth` batches may queue behind a write that
-    waits on the disk, so receiving never stalls on writeback."""
-
-    def __init__(self, depth: int) -> None:
-        self._depth = depth
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-write")
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-hash")
-        self._queued: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._sink: _Sink | None = None
-
-    @property
-    def sink(self) -> _Sink:
-        assert self._sink is not None
-        return self._sink
-
-    async def open(self, dest: Path, start_writeback: Callable[[int, int, int], None] | None) -> None:
-        loop = asyncio.get_running_loop()
-        self._sink = await loop.run_in_executor(self._writer, _Sink, dest, start_writeback)
-
-    async def submit(self, batch: list[bytes]) -> None:
-        """Queue a batch (waiting only while `depth` batches are already queued)."""
-        if not batch:
-            return
-        while len(self._queued) >= self._depth:
-            await self._queued.popleft()
-        loop = asyncio.get_running_loop()
-        self._queued.append(
-            asyncio.gather(
-                loop.run_in_executor(self._writer, self.sink.write, batch),
-                loop.run_in_executor(self._hasher, self.sink.hash, batch),
-            )
-        )
-
-    async def drain(self) -> None:
-        """Wait for every queued batch (raising the first error, e.g. ENOSPC)."""
-        while self._queued:
-            await self._queued.popleft()
-
-    async def finish(self) -> None:
-        """fsync the file."""
-        await asyncio.get_running_loop().run_in_executor(self._writer, self.sink.finish)
-
-    async def close(self) -> None:
-        """Let queued work end, close the file, stop the threads."""
-        if self._queued:
-            await asyncio.wait(self._queued)
-            for fut in self._queued:
-                if not fut.cancelled():
-                    fut.exception()  # retrieved: the error that matters was raised already
-        if self._sink is not None:
-            await asyncio.get_running_loop().run_in_executor(self._writer, self._sink.close)
-        self._writer.shutdown(wait=False)
-        self._hasher.shutdown(wait=False)
+        self.over_limit = over_limit  # refused by max_bytes (the caller knows which setting that was)
 
 
 def payload_kind(content_type: str) -> PayloadKind:
@@ -234,7 +111,7 @@ class FileServiceClient:
         self._chunk = chunk_size
         self._depth = WRITE_QUEUE_DEPTH
         self._session: aiohttp.ClientSession | None = None
-        self._start_writeback = _load_sync_file_range()
+        self._start_writeback = load_sync_file_range()
 
     @property
     def configured(self) -> bool:
@@ -258,12 +135,26 @@ class FileServiceClient:
             await self._session.close()
             self._session = None
 
-    async def download(self, model_id: str, dest: Path, progress: ByteProgress, max_bytes: int | None) -> Download:
-        """Download into dest, retrying transient failures (5xx, 429, connection, timeout, truncation)."""
+    async def download(
+        self, model_id: str, dest: Path, progress: ByteProgress, max_bytes: int | None, pace: FetchPace | None = None
+    ) -> Download:
+        """Download into dest, retrying transient failures (5xx, 429, connection, timeout, truncation, a body
+        slower than pace.min_rate), all within pace.deadline."""
+        pace = pace or FetchPace()
+        try:
+            async with asyncio.timeout(pace.deadline):
+                return await self._download(model_id, dest, progress, max_bytes, pace)
+        except TimeoutError as exc:
+            cause = f"the download took longer than {pace.deadline:g}s (GPUD_MODEL_FETCH_DEADLINE)"
+            raise FetchError(cause, retryable=False) from exc
+
+    async def _download(
+        self, model_id: str, dest: Path, progress: ByteProgress, max_bytes: int | None, pace: FetchPace
+    ) -> Download:
         attempt = 0
         while True:
             try:
-                return await self._attempt(model_id, dest, progress, max_bytes)
+                return await self._attempt(model_id, dest, progress, max_bytes, pace)
             except FetchError as exc:
                 if not exc.retryable or attempt >= self._retries:
                     if exc.retryable and attempt:
@@ -277,7 +168,9 @@ class FileServiceClient:
                 )  # fmt: skip
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, model_id: str, dest: Path, progress: ByteProgress, max_bytes: int | None) -> Download:
+    async def _attempt(
+        self, model_id: str, dest: Path, progress: ByteProgress, max_bytes: int | None, pace: FetchPace
+    ) -> Download:
         """One request; every failure is turned into a FetchError that says why."""
         if self._session is None:
             await self.open()
@@ -285,7 +178,7 @@ class FileServiceClient:
         try:
             async with self._session.post(self._url, json={"model_id": model_id}, headers=self._headers) as resp:
                 await self._check_status(resp)
-                return await self._receive(resp, dest, progress, max_bytes)
+                return await self._receive(resp, dest, progress, max_bytes, pace)
         except aiohttp.ClientPayloadError as exc:
             raise FetchError(f"download truncated: {exc}", retryable=True) from exc
         except TimeoutError as exc:  # before ClientConnectionError: aiohttp's timeouts are both
@@ -309,32 +202,17 @@ class FileServiceClient:
         raise FetchError(cause, retryable=resp.status >= 500 or resp.status == 429)
 
     async def _receive(
-        self, resp: aiohttp.ClientResponse, dest: Path, progress: ByteProgress, max_bytes: int | None
+        self, resp: aiohttp.ClientResponse, dest: Path, progress: ByteProgress, max_bytes: int | None, pace: FetchPace
     ) -> Download:
-        """Stream the body to dest, hashing as it goes; check size and sha256."""
+        """Stream the body to dest, hashing as it goes; check size, rate and sha256."""
         total = resp.content_length
         if max_bytes is not None and total is not None and total > max_bytes:
-            raise FetchError(f"model is {total} bytes, over the limit of {max_bytes}", retryable=False)
-        pipe = _Pipeline(self._depth)
-        done = 0
+            raise FetchError(f"model is {total} bytes, over the limit of {max_bytes}", retryable=False, over_limit=True)
+        pipe = Pipeline(self._depth)
         try:
             await pipe.open(dest, self._start_writeback)
             progress(0, total)
-            batch: list[bytes] = []
-            batched = 0
-            # Chunks as they come off the socket (no joining copy), handed to the threads in batches.
-            async for chunk, _ in resp.content.iter_chunks():
-                batch.append(chunk)
-                batched += len(chunk)
-                done += len(chunk)
-                if max_bytes is not None and done > max_bytes:
-                    raise FetchError(f"model is over the limit of {max_bytes} bytes", retryable=False)
-                if batched >= self._chunk:
-                    await pipe.submit(batch)
-                    batch, batched = [], 0
-                    progress(done, total)
-            await pipe.submit(batch)
-            await pipe.drain()
+            done = await self._stream(resp, pipe, progress, max_bytes, pace)
             progress(done, total)
             if total is not None and done != total:
                 raise FetchError(f"download truncated: received {done} of {total} bytes", retryable=True)
@@ -342,6 +220,44 @@ class FileServiceClient:
         finally:
             await pipe.close()
         return self._result(resp, done, pipe.sink.digest.hexdigest())
+
+    async def _stream(
+        self,
+        resp: aiohttp.ClientResponse,
+        pipe: Pipeline,
+        progress: ByteProgress,
+        max_bytes: int | None,
+        pace: FetchPace,
+    ) -> int:
+        """Hand the body to the pipeline; returns its size. A body slower than the pace fails (retryable)."""
+        total = resp.content_length
+        loop = asyncio.get_running_loop()
+        guard = RateGuard(pace.min_rate, pace.window, loop.time())
+        batch: list[bytes] = []
+        batched = done = 0
+        try:
+            async with asyncio.timeout_at(guard.fail_at()) as timer:
+                # Chunks as they come off the socket (no joining copy), handed to the threads in batches.
+                async for chunk, _ in resp.content.iter_chunks():
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    done += len(chunk)
+                    if max_bytes is not None and done > max_bytes:
+                        cause = f"model is over the limit of {max_bytes} bytes"
+                        raise FetchError(cause, retryable=False, over_limit=True)
+                    guard.record(loop.time(), done)
+                    timer.reschedule(guard.fail_at())
+                    if batched >= self._chunk:
+                        await pipe.submit(batch)
+                        batch, batched = [], 0
+                        progress(done, total)
+        except TimeoutError as exc:
+            if timer.expired():
+                raise FetchError(guard.describe(), retryable=True) from exc
+            raise
+        await pipe.submit(batch)
+        await pipe.drain()
+        return done
 
     def _result(self, resp: aiohttp.ClientResponse, size: int, sha: str) -> Download:
         """Compare the sha256 header (if sent) and describe the payload."""

@@ -8,35 +8,24 @@ import logging
 import os
 import secrets
 import tarfile
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gpud.errors import Conflict, ErrorKind, GpudError, NotFound, Unavailable
 from gpud.modelstore import disk
-from gpud.modelstore.archive import FileEntry, UnsafeArchive, extract_tar
+from gpud.modelstore.archive import ArchiveLimits, FileEntry, UnsafeArchive, extract_tar
 from gpud.modelstore.fetch import Download, FetchError, FileServiceClient, PayloadKind
+from gpud.modelstore.flight import Flight, ProgressCallback, in_thread
 from gpud.modelstore.ids import model_path
-from gpud.modelstore.info import FetchPhase, FetchProgress, ModelInfo, VerifyResult
+from gpud.modelstore.info import FetchPhase, ModelInfo, VerifyResult
 from gpud.modelstore.manifest import MANIFEST_NAME, Manifest, SourceInfo, now, read_manifest, write_manifest
+from gpud.modelstore.pace import FetchPace
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[FetchProgress], None]
 T = TypeVar("T")
-PROGRESS_INTERVAL = 0.2  # seconds between byte updates to waiters; phase changes are sent at once
-
-
-@dataclass
-class _Flight:
-    """One fetch in progress and everyone waiting on it."""
-
-    model_id: str
-    listeners: list[ProgressCallback] = field(default_factory=list)
-    last: FetchProgress | None = None
-    last_sent: float = 0.0
-    task: asyncio.Task[None] | None = None
 
 
 def _fetch_failed(model_id: str, cause: str) -> GpudError:
@@ -59,13 +48,15 @@ class ModelStore:
         key_header: str = "X-Internal-Key",
         request_timeout: float = 60.0,
         retries: int = 3,
-        max_archive_bytes: int | None = None,
         retry_backoff: float = 0.5,
+        limits: ArchiveLimits | None = None,
+        pace: FetchPace | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.auto_fetch = auto_fetch
         self.max_bytes = max_bytes
-        self.max_archive_bytes = max_archive_bytes
+        self.limits = limits or ArchiveLimits()
+        self.pace = pace or FetchPace()
         self._client = FileServiceClient(
             file_service_url,
             internal_key,
@@ -74,7 +65,7 @@ class ModelStore:
             retries=retries,
             backoff=retry_backoff,
         )
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, Flight] = {}
         self._holders: dict[str, set[str]] = {}
         self._hand_sizes: dict[str, int] = {}  # sizes of manifest-less dirs, walked once
 
@@ -82,15 +73,30 @@ class ModelStore:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     def configure(
-        self, *, file_service_url: str | None, internal_key: str | None, key_header: str, auto_fetch: bool
+        self,
+        *,
+        file_service_url: str | None,
+        internal_key: str | None,
+        key_header: str,
+        auto_fetch: bool,
+        limits: ArchiveLimits | None = None,
+        pace: FetchPace | None = None,
     ) -> None:
         """Apply reloaded fetch settings: the next fetch uses them; one already running finishes as it began."""
         self.auto_fetch = auto_fetch
         self._client.retarget(file_service_url, internal_key, key_header)
+        self.limits = limits or self.limits
+        self.pace = pace or self.pace
 
     async def start(self) -> None:
-        """Create the cache dir and delete temporaries left by a crash (the HTTP session opens on first use)."""
-        removed = await self._run(disk.clean_temporaries, self.cache_dir)
+        """Create the cache dir and delete temporaries left by a crash (the HTTP session opens on first use).
+        A leftover that cannot be deleted is logged and left: it must never keep gpud from starting."""
+        await self._run(self.cache_dir.mkdir, 0o777, True, True)
+        try:
+            removed = await self._run(disk.clean_temporaries, self.cache_dir)
+        except Exception:
+            logger.exception("model cache: cleaning leftover temporaries failed; starting anyway")
+            return
         if removed:
             logger.info("model cache: removed %d leftover temporaries: %s", len(removed), ", ".join(removed))
 
@@ -108,6 +114,10 @@ class ModelStore:
 
     def _present(self, path: Path) -> bool:
         return path.is_dir()
+
+    def cached(self, model_id: str) -> bool:
+        """Whether the model is in the cache now, complete (not being fetched): ensure() would not wait."""
+        return model_id not in self._flights and self._present(self.path_for(model_id))
 
     def _touch(self, path: Path) -> None:
         """Record use: the model directory's mtime is its last-used time (works for hand-placed dirs too)."""
@@ -142,7 +152,8 @@ class ModelStore:
         return self.info(model_id)
 
     async def _join_flight(self, model_id: str, progress: ProgressCallback | None) -> None:
-        """Start the model's fetch or join the one running; every joiner gets every progress update."""
+        """Start the model's fetch or join the one running; every joiner gets every progress update.
+        A joiner that is cancelled leaves at once; the last to leave cancels the fetch."""
         flight = self._flights.get(model_id)
         if flight is None:
             if not self._client.configured:
@@ -150,47 +161,24 @@ class ModelStore:
                     f"model {model_id!r} is not cached and no FILE_SERVICE_URL is configured",
                     code="model_fetch_failed",
                 )
-            flight = _Flight(model_id)
+            flight = Flight(model_id, on_abandon=self._forget)
             self._flights[model_id] = flight
             flight.task = asyncio.create_task(self._fetch(flight), name=f"fetch-model-{model_id}")
             # Mark the exception retrieved even when every waiter was cancelled.
             flight.task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        if progress is not None:
-            flight.listeners.append(progress)
-            if flight.last is not None:
-                self._call(progress, flight.last)
-        assert flight.task is not None
-        try:
-            # shield: one waiter giving up must not cancel the download for the others.
-            await asyncio.shield(flight.task)
-        finally:
-            if progress is not None:
-                flight.listeners.remove(progress)
+        await flight.wait(progress)
 
-    def _call(self, callback: ProgressCallback, update: FetchProgress) -> None:
-        try:
-            callback(update)
-        except Exception:
-            logger.exception("model fetch progress callback failed")
+    def _forget(self, flight: Flight) -> None:
+        if self._flights.get(flight.model_id) is flight:
+            del self._flights[flight.model_id]
 
-    def _report(self, flight: _Flight, phase: FetchPhase, done: int, total: int | None, force: bool = False) -> None:
-        """Tell every waiter; byte updates are spaced PROGRESS_INTERVAL apart so streams are not flooded."""
-        update = FetchProgress(flight.model_id, phase, done, total)
-        changed = flight.last is None or flight.last.phase != phase
-        flight.last = update
-        t = asyncio.get_running_loop().time()
-        if force or changed or t - flight.last_sent >= PROGRESS_INTERVAL or done == total:
-            flight.last_sent = t
-            for cb in list(flight.listeners):
-                self._call(cb, update)
-
-    async def _fetch(self, flight: _Flight) -> None:
+    async def _fetch(self, flight: Flight) -> None:
         """Download, unpack, record, evict to fit, publish atomically; temporaries always removed."""
         model_id = flight.model_id
         tmp = self.cache_dir / f"{disk.TMP_PREFIX}{model_id}-{secrets.token_hex(6)}"
         try:
             await self._run(os.mkdir, tmp, 0o700)
-            self._report(flight, FetchPhase.CONNECTING, 0, None)
+            flight.report(FetchPhase.CONNECTING, 0, None)
             await self._fetch_into(flight, tmp)
         except FetchError as exc:
             raise _fetch_failed(model_id, exc.cause) from exc
@@ -203,44 +191,51 @@ class ModelStore:
             raise _fetch_failed(model_id, cause) from exc
         finally:
             await asyncio.shield(self._run(disk.remove_tree, tmp))
-            self._flights.pop(model_id, None)
+            self._forget(flight)
 
-    async def _fetch_into(self, flight: _Flight, tmp: Path) -> None:
+    async def _fetch_into(self, flight: Flight, tmp: Path) -> None:
         model_id = flight.model_id
-        caps = [c for c in (self.max_bytes, self.max_archive_bytes) if c is not None]
+        caps = [(self.max_bytes, "GPUD_MODEL_CACHE_MAX_BYTES"), (self.limits.max_bytes, "GPUD_MODEL_ARCHIVE_MAX_BYTES")]
+        known = [(c, name) for c, name in caps if c is not None]
+        cap, setting = min(known) if known else (None, "")
 
         def on_bytes(done: int, total: int | None) -> None:
-            self._report(flight, FetchPhase.DOWNLOADING, done, total)
+            flight.report(FetchPhase.DOWNLOADING, done, total)
 
         payload = tmp / "payload"
-        dl = await self._client.download(model_id, payload, on_bytes, min(caps) if caps else None)
+        try:
+            dl = await self._client.download(model_id, payload, on_bytes, cap, self.pace)
+        except FetchError as exc:
+            if exc.over_limit:
+                exc.cause = f"{exc.cause} ({setting})"
+            raise
         staged = tmp / "model"
-        self._report(flight, FetchPhase.EXTRACTING, dl.size, dl.size)
-        files = await self._run(self._unpack, dl, payload, staged)
+        flight.report(FetchPhase.EXTRACTING, dl.size, dl.size)
+        files = await in_thread(self._unpack, dl, payload, staged, flight.stop, stop=flight.stop)
         manifest = Manifest(
             model_id=model_id,
             fetched_at=now(),
             source=SourceInfo(dl.url, dl.content_type, dl.size, dl.sha256, dl.sha256_checked),
             files=files,
         )
-        await self._run(write_manifest, staged, manifest)
+        await in_thread(write_manifest, staged, manifest)
         await self._evict(manifest.total_bytes, keep=model_id)
         final = self.path_for(model_id)
-        if not await self._run(disk.publish, staged, final):
+        if not await in_thread(disk.publish, staged, final):
             logger.warning("model %s appeared in the cache during its fetch; keeping that copy", model_id)
         self._hand_sizes.pop(model_id, None)
         self._touch(final)
-        self._report(flight, FetchPhase.DONE, dl.size, dl.size, force=True)
+        flight.report(FetchPhase.DONE, dl.size, dl.size, force=True)
         logger.info("model %s fetched: %d bytes, %d files", model_id, dl.size, len(files))
 
-    def _unpack(self, dl: Download, payload: Path, staged: Path) -> list[FileEntry]:
+    def _unpack(self, dl: Download, payload: Path, staged: Path, stop: threading.Event) -> list[FileEntry]:
         """Turn the payload into the staged model directory (runs in a worker thread)."""
         os.mkdir(staged, 0o755)
         if dl.kind is PayloadKind.FILE:
             os.rename(payload, staged / dl.filename)
             return [FileEntry(path=dl.filename, size=dl.size, sha256=dl.sha256)]
-        cap = self.max_archive_bytes if self.max_archive_bytes is not None else self.max_bytes
-        entries = extract_tar(payload, staged, max_bytes=cap, reserved=frozenset({MANIFEST_NAME}))
+        caps = self.limits.caps_for(dl.size, self.max_bytes)
+        entries = extract_tar(payload, staged, caps=caps, reserved=frozenset({MANIFEST_NAME}), stop=stop)
         os.unlink(payload)
         return entries
 

@@ -9,10 +9,11 @@ Hardening (all on unless a field of ContainerSpec says otherwise; both engines a
 - pids limit (``Limits.pids``) so a fork bomb stops at the cgroup.
 - memory limit (``Limits.memory_bytes``, default 16g) with memory+swap equal to it: no extra swap.
 - CPU quota (``Limits.cpus`` times a 100 ms period) and a /dev/shm size (``Limits.shm_bytes``).
-- user 65534:65534 (nobody) unless the preset names a user.
+- the worker's own host uid:gid (given by gpud from GPUD_WORKER_UID_RANGE, one per session or one-off) unless
+  the preset names root or a numeric uid; ``ContainerSpec.user``'s own default (65534) is for specs built by hand.
 - the model directory mounted read-only at /models, with ``MODEL_PATH=/models``.
-- labels ``gpud.managed=true`` plus task/session/GPU/model/preset ids: the source of truth for finding
-  gpud's containers again after a restart.
+- labels ``gpud.managed=true`` plus task/session/GPU/model/preset ids and the worker's uid: the source of truth
+  for finding gpud's containers (and the uids they hold) again after a restart.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ LABEL_SESSION = "gpud.session_id"
 LABEL_GPU = "gpud.gpu_uuid"
 LABEL_MODEL = "gpud.model"
 LABEL_PRESET = "gpud.preset"
+LABEL_UID = "gpud.uid"
 
 ProgressCallback = Callable[[str], Awaitable[None] | None]
 
@@ -134,10 +136,12 @@ class ContainerSpec:
 
 @dataclass(frozen=True)
 class LogLine:
-    """One line of a worker's output, without its newline."""
+    """One line of a worker's output, without its newline. A very long line comes in pieces: each but the last
+    has `partial` set (the line goes on in the next LogLine of the same stream; no newline between them)."""
 
     stream: Stream
     line: str
+    partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,8 @@ class EngineHealth:
     isolated: bool
     version: str = ""
     detail: str = ""
+    # Set when workers would run (or are refused) without the isolation gpud relies on; /health is then degraded.
+    degraded: str = ""
 
 
 class EngineUnavailable(Unavailable):

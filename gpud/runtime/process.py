@@ -6,8 +6,13 @@ chosen explicitly. It keeps the environment contract: the same GPUD_* and GPU va
 used. What it does enforce, cheaply and honestly, is listed in `capabilities`:
 
 - no network (`unshare --net`), when running as root and unshare works here;
-- a non-root user (uid/gid from the spec, 65534 by default) when running as root;
-- a private TMPDIR, a new session (the whole process group is signalled), nofile/core rlimits (prlimit).
+- the spec's user (each worker's own uid from gpud) when running as root, with no supplementary groups;
+- a private TMPDIR and HOME (0700, the worker's), a new session (the whole process group is signalled),
+  nofile/core rlimits (prlimit).
+
+Without `unshare --net` (or without root) workers would share the host's network and, without root, gpud's own
+user: the runtime then refuses to start them unless GPUD_PROCESS_ALLOW_UNISOLATED is set, and /health is
+degraded either way (`EngineHealth.degraded`).
 
 Memory, pids, read-only root and read-only /models are not enforced, so those capabilities are absent and
 the contract tests skip them with that reason. Processes do not outlive the runtime object.
@@ -28,6 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from gpud.runtime.base import (
     Capability,
@@ -47,6 +53,7 @@ from gpud.runtime.logsplit import LineSplitter
 logger = logging.getLogger(__name__)
 
 _KEEP_LINES = 10_000  # output kept per process for late readers; older lines are dropped
+_KEEP_CHARS = 8 * 1024 * 1024  # ... and at most this much text of them (a worker printing 100 MB holds 8)
 
 
 def host_path(value: str, path_map: Mapping[str, str]) -> str:
@@ -57,14 +64,29 @@ def host_path(value: str, path_map: Mapping[str, str]) -> str:
     return value
 
 
-def _probe_unshare() -> bool:
-    """Whether `unshare --net` works here (root, and not forbidden by an outer sandbox)."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return False
+def probe_unshare() -> tuple[str | None, str]:
+    """The path of an `unshare` whose `--net` works here (root, not forbidden by an outer sandbox), or None and
+    why not. `unshare` is looked up on PATH, so a PATH without it is a host without it."""
+    if os.geteuid() != 0:
+        return None, "gpud is not root"
+    path = shutil.which("unshare")
+    if path is None:
+        return None, "`unshare` is not on PATH"
     try:
-        return subprocess.run(["unshare", "--net", "true"], timeout=5, check=False).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+        done = subprocess.run([path, "--net", "true"], timeout=5, check=False, capture_output=True, text=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"`unshare --net` failed: {exc}"
+    if done.returncode != 0:
+        return None, f"`unshare --net` failed: {done.stderr.strip() or done.returncode}"
+    return path, ""
+
+
+def worker_ids(user: str) -> tuple[int, int]:
+    """A spec's numeric `uid[:gid]` (or root) as ids; ContainerFailed for a name, which the host cannot map."""
+    uid, _, gid = ("0:0" if user == "root" else user).partition(":")
+    if not uid.isdigit() or not (gid or uid).isdigit():
+        raise ContainerFailed(f"the process runtime needs a numeric user (uid or uid:gid), got {user!r}")
+    return int(uid), int(gid or uid)
 
 
 @dataclass
@@ -76,6 +98,7 @@ class _Proc:
     created: float
     lines: list[LogLine] = field(default_factory=list)
     dropped: int = 0  # lines trimmed from the front of `lines`
+    kept_chars: int = 0  # text held in `lines`
     output_done: bool = False
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
@@ -99,27 +122,55 @@ class ProcessRuntime:
     name = "process"
     isolated = False
 
-    def __init__(self, socket: str | None = None) -> None:
+    def __init__(
+        self,
+        socket: str | None = None,
+        *,
+        allow_unisolated: bool = False,
+        unshare: tuple[str | None, str] | None = None,
+    ) -> None:
+        """`unshare`: a probe_unshare() result to use instead of probing (None: probe now)."""
         del socket  # accepted so every runtime is built the same way; there is no engine
         self._procs: dict[str, _Proc] = {}
         self._is_root = os.geteuid() == 0
-        self._unshare = _probe_unshare()
+        self._unshare, self._no_unshare_reason = probe_unshare() if unshare is None else unshare
+        self._allow_unisolated = allow_unisolated
         self._prlimit = shutil.which("prlimit")
         caps: set[Capability] = set()
         if self._unshare:
             caps.add(Capability.NETWORK_NONE)
-            caps.add(Capability.NON_ROOT_USER)  # unshare --setuid drops to the spec's user
+        if self._is_root:
+            caps.add(Capability.NON_ROOT_USER)  # the worker is started as the spec's user
         self.capabilities = frozenset(caps)
+        if self._unshare is None:
+            logger.warning("process runtime: %s", self._unisolated())
+
+    def _unisolated(self) -> str:
+        """Why workers are not isolated and what gpud does about it ("" when they are)."""
+        if self._unshare:
+            return ""
+        why = f"workers cannot be isolated ({self._no_unshare_reason}: no private network"
+        why += ")" if self._is_root else ", and they would run as gpud's own user)"
+        if self._allow_unisolated:
+            return f"{why}; they run unisolated because GPUD_PROCESS_ALLOW_UNISOLATED is set"
+        return f"{why}; they are refused (set GPUD_PROCESS_ALLOW_UNISOLATED=true to run them anyway)"
+
+    def _check_user(self, uid: int, gid: int) -> None:
+        """ContainerFailed unless a worker as uid:gid can be started with the isolation gpud promises."""
+        if not self._unshare and not self._allow_unisolated:
+            raise ContainerFailed(f"process runtime: {self._unisolated()}")
+        if not self._is_root and (uid, gid) != (os.geteuid(), os.getegid()):
+            raise ContainerFailed(f"process runtime: gpud is not root, so it cannot run a worker as {uid}:{gid}")
 
     async def ensure_image(self, image: str, progress: ProgressCallback | None = None) -> None:
         """Nothing to fetch: the process runtime runs the command on the host."""
 
-    def _argv(self, spec: ContainerSpec, path_map: Mapping[str, str]) -> list[str]:
+    def _argv(self, spec: ContainerSpec, path_map: Mapping[str, str], uid: int, gid: int) -> list[str]:
         argv = [host_path(arg, path_map) for arg in spec.command]
         if self._unshare:
-            uid, _, gid = spec.user.partition(":")
-            drop = [] if uid in {"0", "root"} else ["--setuid", uid, "--setgid", gid or uid]
-            argv = ["unshare", "--net", *drop, "--", *argv]
+            # unshare switches user after entering the namespace, and --setgid also drops supplementary groups.
+            drop = [] if uid == 0 else ["--setuid", str(uid), "--setgid", str(gid)]
+            argv = [self._unshare, "--net", *drop, "--", *argv]
         if self._prlimit:
             argv = [self._prlimit, "--nofile=1024:1024", "--core=0", "--", *argv]
         return argv
@@ -144,21 +195,28 @@ class ProcessRuntime:
         for mount in spec.mounts:
             if not os.path.exists(mount.source):
                 raise ContainerFailed(f"mount source {mount.source} does not exist")
-        tmpdir = tempfile.mkdtemp(prefix="gpud-proc-")
-        if self._unshare and spec.user.split(":")[0] not in {"0", "root"}:
-            os.chmod(tmpdir, 0o1777)  # the dropped user must be able to write its TMPDIR
+        uid, gid = worker_ids(spec.user)
+        self._check_user(uid, gid)
+        tmpdir = tempfile.mkdtemp(prefix="gpud-proc-")  # 0700: the worker's alone once chowned
+        if (uid, gid) != (os.geteuid(), os.getegid()):
+            os.chown(tmpdir, uid, gid)
+        # Without unshare, a root gpud still starts the worker as its user (no supplementary groups).
+        switch: dict[str, Any] = {}
+        if not self._unshare and self._is_root and uid != 0:
+            switch = {"user": uid, "group": gid, "extra_groups": []}
         # Only bind mounts are rewritten: an argument under /tmp is a host path here (the worker's own scratch
         # space is TMPDIR), and rewriting it would break checkouts and files that live under the host's /tmp.
         path_map = {m.target: m.source for m in spec.mounts}
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._argv(spec, path_map),
+                *self._argv(spec, path_map, uid, gid),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=self._env(spec, path_map, tmpdir),
                 cwd=tmpdir,
                 start_new_session=True,  # its own process group, so stop/remove reach every child
+                **switch,
             )
         except OSError as exc:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -194,7 +252,12 @@ class ProcessRuntime:
             return
         async with record.changed:
             record.lines.extend(lines)
-            excess = len(record.lines) - _KEEP_LINES
+            record.kept_chars += sum(len(line.line) for line in lines)
+            # Oldest lines go once too many, or too much text, are kept (a late reader misses them).
+            excess, kept = 0, len(record.lines)
+            while excess < kept - 1 and (kept - excess > _KEEP_LINES or record.kept_chars > _KEEP_CHARS):
+                record.kept_chars -= len(record.lines[excess].line)
+                excess += 1
             if excess > 0:
                 del record.lines[:excess]
                 record.dropped += excess
@@ -263,12 +326,14 @@ class ProcessRuntime:
         ]
 
     async def health(self) -> EngineHealth:
-        """Always reachable; never isolated."""
+        """Always reachable; never container-isolated; degraded when workers cannot even be kept apart."""
+        unisolated = self._unisolated()
         return EngineHealth(
             runtime=self.name,
             ok=True,
             isolated=False,
             detail="process runtime: workers run on the host without container isolation",
+            degraded=f"process runtime: {unisolated}" if unisolated else "",
         )
 
     async def close(self) -> None:

@@ -7,13 +7,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from gpud.runtime.base import (
-    DEFAULT_USER,
     LABEL_GPU,
     LABEL_MANAGED,
     LABEL_MODEL,
     LABEL_PRESET,
     LABEL_SESSION,
     LABEL_TASK,
+    LABEL_UID,
     MODELS_PATH,
     ContainerSpec,
     GpuDevice,
@@ -39,13 +39,16 @@ def gpu_env(gpu: GpuDevice | None) -> dict[str, str]:
     return {"NVIDIA_VISIBLE_DEVICES": gpu.uuid, "CUDA_VISIBLE_DEVICES": gpu.uuid, "GPUD_GPU_ID": gpu.gpu_id}
 
 
-def gpud_labels(preset: Preset, task_id: str, session_id: str | None, gpu: GpuDevice | None) -> dict[str, str]:
-    """The labels that identify a gpud worker, so it can be found again after a restart."""
+def gpud_labels(
+    preset: Preset, task_id: str, session_id: str | None, gpu: GpuDevice | None, user: str
+) -> dict[str, str]:
+    """The labels that identify a gpud worker (and the uid it holds), so it can be found again after a restart."""
     labels = {
         LABEL_MANAGED: "true",
         LABEL_TASK: task_id,
         LABEL_MODEL: preset.model_id,
         LABEL_PRESET: preset.name,
+        LABEL_UID: user.partition(":")[0],
     }
     if session_id:
         labels[LABEL_SESSION] = session_id
@@ -57,6 +60,7 @@ def gpud_labels(preset: Preset, task_id: str, session_id: str | None, gpu: GpuDe
 def build_spec(
     preset: Preset,
     *,
+    user: str,
     task_id: str,
     session_id: str | None = None,
     gpu: GpuDevice | None = None,
@@ -66,7 +70,8 @@ def build_spec(
     name: str | None = None,
     stop_grace_seconds: float = 10.0,
 ) -> ContainerSpec:
-    """The hardened spec for one worker; gpud's own env wins over the preset's, `env` wins over both."""
+    """The hardened spec for one worker running as `user` (`uid:gid`, resolved by gpud from the preset and its
+    worker uid range); gpud's own env wins over the preset's, `env` wins over both."""
     all_mounts: list[Mount] = []
     full_env: dict[str, str] = dict(preset.env)
     if model_dir is not None:
@@ -88,10 +93,10 @@ def build_spec(
         command=tuple(preset.command),
         name=name or container_name(task_id, session_id),
         env=full_env,
-        labels=gpud_labels(preset, task_id, session_id, gpu),
+        labels=gpud_labels(preset, task_id, session_id, gpu, user),
         mounts=tuple(all_mounts),
         limits=preset.limits,
         gpu=gpu,
-        user=preset.user or DEFAULT_USER,
+        user=user,
         stop_grace_seconds=stop_grace_seconds,
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gpud.settings.images import ImagePolicy
-from gpud.settings.presets import parse_size
+from gpud.settings.presets import MAX_ID, parse_size
 
 DIFFICULTIES = ("low", "high")
 
@@ -75,6 +75,20 @@ def positive_int(value: Any) -> int:
     return number
 
 
+def _is_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "0"})
+
+
+def optional_seconds(value: Any) -> float | None:
+    """A positive number of seconds, or none/empty/0 for no limit."""
+    return None if _is_none(value) else seconds(value)
+
+
+def optional_positive_int(value: Any) -> int | None:
+    """A whole number above zero, or none/empty/0 for no limit."""
+    return None if _is_none(value) else positive_int(value)
+
+
 def optional_size(value: Any) -> int | None:
     """A byte size such as 200g, or none/empty for no limit."""
     if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "0"}):
@@ -134,6 +148,18 @@ def listen_address(value: Any) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected host:port, got {text!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def id_range(value: Any) -> tuple[int, int]:
+    """`first-last` host uids (inclusive), e.g. `2000000000-2000065535`; never including 0 (root)."""
+    text = non_empty_text(value)
+    first, sep, last = text.partition("-")
+    if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+        raise ValueError(f"expected first-last (whole numbers), got {text!r}")
+    low, high = int(first), int(last)
+    if not 0 < low <= high <= MAX_ID:
+        raise ValueError(f"expected 1 <= first <= last <= {MAX_ID}, got {text!r}")
+    return low, high
 
 
 def choice(*options: str) -> Callable[[Any], str]:

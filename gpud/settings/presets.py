@@ -27,6 +27,7 @@ from gpud.errors import ConfigError, NotFound
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SIZE_RE = re.compile(r"^(\d+)([kmgt]?)b?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "no id" to the kernel
 
 
 def parse_size(value: object) -> int:
@@ -70,7 +71,9 @@ class Preset:
     # session: keeps a long-lived worker speaking the worker protocol; oneoff: a process per task; any: both.
     mode: str = "any"
     readiness_timeout_seconds: float = 300.0
-    # None: the image's default user is replaced by an unprivileged one (65534); "root" must be asked for.
+    # None: the worker runs as a host uid of its own (GPUD_WORKER_UID_RANGE); "root"/"0" must be asked for;
+    # otherwise a numeric "uid" or "uid:gid". Names are refused: gpud must know the host uid to own the
+    # worker's directories, and a name means whatever the image's /etc/passwd says.
     user: str | None = None
 
     @property
@@ -186,9 +189,7 @@ def _parse_preset(model_id: str, name: str, raw: Any) -> Preset:
     timeout = raw.get("readiness_timeout_seconds", 300)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise ValueError("readiness_timeout_seconds must be a positive number")
-    user = raw.get("user")
-    if user is not None and not isinstance(user, str | int):
-        raise ValueError("user must be a name or uid")
+    user = _parse_user(raw.get("user"))
     return Preset(
         model_id=model_id,
         name=name,
@@ -198,8 +199,29 @@ def _parse_preset(model_id: str, name: str, raw: Any) -> Preset:
         limits=_parse_limits(raw.get("limits") or {}),
         mode=mode,
         readiness_timeout_seconds=float(timeout),
-        user=None if user is None else str(user),
+        user=user,
     )
+
+
+_USER_RE = re.compile(r"^(\d{1,10})(?::(\d{1,10}))?$")
+
+
+def _parse_user(value: Any) -> str | None:
+    """None, "root", or a numeric `uid[:gid]` (as text); a user name is an error."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError("user must be null, root, or a numeric uid or uid:gid")
+    text = str(value).strip()
+    if text == "root":
+        return text
+    match = _USER_RE.match(text)
+    if not match or any(int(part) > MAX_ID for part in match.groups() if part is not None):
+        raise ValueError(
+            f"user must be null (a uid of its own), root, or a numeric uid or uid:gid, got {text!r}: "
+            "gpud must know the host uid to give the worker its directories, so names are not accepted"
+        )
+    return text
 
 
 def _parse_limits(raw: Any) -> Limits:

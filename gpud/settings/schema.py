@@ -139,9 +139,50 @@ class Settings:
     state_dir: Path = setting(
         Path("/var/lib/gpud"), env="GPUD_STATE_DIR", parse=p.path, help="worker sockets, task inputs, the SDK copy"
     )
+    worker_uid_range: tuple[int, int] = setting(
+        (2_000_000_000, 2_000_065_535), env="GPUD_WORKER_UID_RANGE", parse=p.id_range, shown="2000000000-2000065535",
+        help="host uids (gid = uid) given one per worker, so workers cannot reach each other's sockets and inputs",
+    )  # fmt: skip
+    process_runtime_allow_unisolated: bool = setting(
+        False, env="GPUD_PROCESS_ALLOW_UNISOLATED", parse=p.boolean,
+        help="let the process runtime start workers without `unshare --net` (shared network; as gpud's user if "
+        "not root); /health says degraded",
+    )  # fmt: skip
     model_cache_max_bytes: int | None = setting(
         env="GPUD_MODEL_CACHE_MAX_BYTES", parse=p.optional_size, shown="none",
         help="cache size limit (LRU eviction of unused models)",
+    )  # fmt: skip
+    model_archive_max_bytes: int | None = setting(
+        1 << 40, env="GPUD_MODEL_ARCHIVE_MAX_BYTES", parse=p.optional_size, reload=True, shown="1t",
+        help="a model (download, or archive unpacked) larger than this is refused (`none`: only the cache limit)",
+    )  # fmt: skip
+    model_archive_max_ratio: int | None = setting(
+        50, env="GPUD_MODEL_ARCHIVE_MAX_RATIO", parse=p.optional_positive_int, reload=True,
+        help="an archive may unpack to at most this many times its download size, plus 16 MiB (`none`: no cap)",
+    )  # fmt: skip
+    model_archive_max_entries: int = setting(
+        20_000, env="GPUD_MODEL_ARCHIVE_MAX_ENTRIES", parse=p.positive_int, reload=True,
+        help="files, directories and links in one model archive",
+    )  # fmt: skip
+    model_archive_max_depth: int = setting(
+        32, env="GPUD_MODEL_ARCHIVE_MAX_DEPTH", parse=p.positive_int, reload=True,
+        help="path components of one archive entry",
+    )  # fmt: skip
+    model_archive_max_path: int = setting(
+        1024, env="GPUD_MODEL_ARCHIVE_MAX_PATH", parse=p.positive_int, reload=True,
+        help="bytes in one archive entry's path or link target (each name at most 255)",
+    )  # fmt: skip
+    model_fetch_min_rate: int | None = setting(
+        64 * 1024, env="GPUD_MODEL_FETCH_MIN_RATE", parse=p.optional_size, reload=True, shown="64k",
+        help="bytes/s a model download must average over each rate window, else it fails (`none`: no minimum)",
+    )  # fmt: skip
+    model_fetch_rate_window: float = setting(
+        30.0, env="GPUD_MODEL_FETCH_RATE_WINDOW", parse=p.seconds, reload=True,
+        help="seconds over which the minimum fetch rate is measured",
+    )  # fmt: skip
+    model_fetch_deadline: float | None = setting(
+        6 * 3600.0, env="GPUD_MODEL_FETCH_DEADLINE", parse=p.optional_seconds, reload=True, shown="21600",
+        help="seconds a model fetch may take in all, retries included (`none`: no limit)",
     )  # fmt: skip
     file_service_key_header: str = setting(
         "X-Internal-Key", env="GPUD_FILE_SERVICE_KEY_HEADER", parse=p.non_empty_text, reload=True,
@@ -158,12 +199,56 @@ class Settings:
     sse_heartbeat_seconds: float = setting(
         15.0, env="GPUD_SSE_HEARTBEAT_SECONDS", parse=p.seconds, reload=True, help="comment heartbeat on idle streams"
     )
+    sse_send_timeout_seconds: float = setting(
+        30.0, env="GPUD_SSE_SEND_TIMEOUT_SECONDS", parse=p.seconds, reload=True,
+        help="an SSE client that takes no data for this long is dropped (it may resume with Last-Event-ID)",
+    )  # fmt: skip
+    task_output_max_bytes: int = setting(
+        16 * 1024 * 1024, env="GPUD_TASK_OUTPUT_MAX_BYTES", parse=p.parse_size, reload=True, shown="16m",
+        help="text output kept per task (deltas and `text`); the rest is cut and the task told so in a `logs` line",
+    )  # fmt: skip
+    task_logs_max_bytes: int = setting(
+        4 * 1024 * 1024, env="GPUD_TASK_LOGS_MAX_BYTES", parse=p.parse_size, reload=True, shown="4m",
+        help="`logs` and `progress` events kept per task; later ones are dropped and counted",
+    )  # fmt: skip
+    log_line_max_bytes: int = setting(
+        16 * 1024, env="GPUD_LOG_LINE_MAX_BYTES", parse=p.parse_size, reload=True, shown="16k",
+        help="one `logs` line; longer lines are cut with a marker",
+    )  # fmt: skip
+    text_delta_max_bytes: int = setting(
+        64 * 1024, env="GPUD_TEXT_DELTA_MAX_BYTES", parse=p.parse_size, reload=True, shown="64k",
+        help="one `text_delta` event; longer text is split into several (nothing is lost)",
+    )  # fmt: skip
+    task_retention_max_bytes: int = setting(
+        512 * 1024 * 1024, env="GPUD_TASK_RETENTION_MAX_BYTES", parse=p.parse_size, reload=True, shown="512m",
+        help="events and output kept for finished tasks in all; past it the oldest are released early",
+    )  # fmt: skip
     metrics_public: bool = setting(
         False, env="GPUD_METRICS_PUBLIC", parse=p.boolean, reload=True, help="serve `/metrics` without an API key"
     )
     max_request_bytes: int = setting(
         1024 * 1024, env="GPUD_MAX_REQUEST_BYTES", parse=p.parse_size, shown="1m", help="larger bodies get 413"
     )
+    max_connections: int = setting(
+        1024, env="GPUD_MAX_CONNECTIONS", parse=p.positive_int,
+        help="open connections on the public API; more get 503 (lowered at start to fit the fd limit)",
+    )  # fmt: skip
+    admin_max_connections: int = setting(
+        64, env="GPUD_ADMIN_MAX_CONNECTIONS", parse=p.positive_int,
+        help="open connections on the admin socket, counted apart from the public ones",
+    )  # fmt: skip
+    header_timeout_seconds: float = setting(
+        10.0, env="GPUD_HEADER_TIMEOUT_SECONDS", parse=p.seconds,
+        help="a connection must send a whole request head within this, or it is closed",
+    )  # fmt: skip
+    http_idle_timeout_seconds: float = setting(
+        30.0, env="GPUD_HTTP_IDLE_TIMEOUT_SECONDS", parse=p.seconds,
+        help="a keep-alive connection idle this long between requests is closed",
+    )  # fmt: skip
+    body_timeout_seconds: float = setting(
+        30.0, env="GPUD_BODY_TIMEOUT_SECONDS", parse=p.seconds,
+        help="a request body (task submission) not received within this gets 408",
+    )  # fmt: skip
     log_level: str = setting(
         "info", env="GPUD_LOG_LEVEL", parse=p.choice("debug", "info", "warning", "error"), reload=True,
         help="debug, info, warning, error",

@@ -4,26 +4,38 @@ Every subscriber holds a cursor (the last id it has seen) into the task's single
 asyncio.Event while it is caught up. No per-subscriber queues: a slow client only lags its own cursor, never
 blocks the task or other clients, and memory is the log itself.
 
-Bounds (defaults on TaskEventLog): below `max_events` every append is its own event. From then on `text_delta`
-appends are coalesced: buffered and published as one event when `coalesce_bytes` have gathered, after
-`coalesce_interval` seconds, or before any other event; `logs` and `progress` appends are dropped (counted). Once
-the log holds `max_bytes` of encoded data, `text_delta` is dropped too. Control events (connection, worker, text,
-task_finish) are always kept, and `text` carries the complete output, so a client never loses the result. If
-anything was dropped, a final `logs` line from stream "gpud" says how much, just before `task_finish`.
+Bounds (EventLimits), all counted from the first event:
+- text: the task's output (`output`, a TextBuffer) keeps at most `output_bytes`; text_delta events carry what
+  was kept, split into pieces of at most `delta_bytes`; the final `text` event carries the kept output.
+- logs and progress share `logs_bytes` of encoded events; one log line is cut at `log_line_bytes` with a marker.
+- count: below `max_events` every append is its own event. From then on text_delta pieces are coalesced (one
+  event per `coalesce_bytes`, per `coalesce_interval`, or before any other event) and logs/progress are dropped.
+Control events (connection, worker, text, task_finish) are always kept. If anything was cut or dropped, one
+`logs` line from stream "gpud" says what and how much, just before task_finish.
+
+Event data is encoded when the event is made, by gpud.jsonsafe: NaN becomes null and a lone surrogate U+FFFD,
+so encoding never raises later (e.g. deep inside a task's finish). Only the encoded JSON is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+from gpud.jsonsafe import clean_text, dumps_safe
+from gpud.work.textcap import TextBuffer, split_utf8, truncate_line
+
 logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
 
 
 class EventType(enum.StrEnum):
@@ -38,29 +50,35 @@ class EventType(enum.StrEnum):
     TASK_FINISH = "task_finish"
 
 
-# Kinds that may be thinned out when a task is very chatty; everything else is always kept.
-_DROPPABLE = frozenset({EventType.LOGS, EventType.PROGRESS})
+@dataclass(frozen=True)
+class EventLimits:
+    """The bounds of one task's log (sizes in bytes)."""
+
+    max_events: int = 10_000
+    output_bytes: int = 16 * MiB  # the task's text output (UTF-8)
+    logs_bytes: int = 4 * MiB  # logs and progress events together (encoded)
+    log_line_bytes: int = 16 * 1024  # one log line (UTF-8); longer lines are cut with a marker
+    delta_bytes: int = 64 * 1024  # one text_delta event's text (UTF-8); longer text is split, not cut
+    coalesce_bytes: int = 16 * 1024
+    coalesce_interval: float = 0.25
 
 
 class Event:
-    """One event: id (1, 2, ... per task), type, and data (always with task_id). Treat data as read-only."""
+    """One event: id (1, 2, ... per task), type, and its data as JSON (always with task_id)."""
 
-    __slots__ = ("_json", "data", "frame_cache", "id", "type")
+    __slots__ = ("id", "json_bytes", "type")
 
-    def __init__(self, id: int, type: EventType, data: dict[str, Any]) -> None:
+    def __init__(self, id: int, type: EventType, data: dict[str, Any] | bytes) -> None:
         self.id = id
         self.type = type
-        self.data = data
-        self._json: bytes | None = None
-        # The transport's encoded form (gpud.api.sse puts the SSE frame here), so N subscribers encode once.
-        self.frame_cache: bytes | None = None
+        # Compact UTF-8 JSON, encoded once and shared by every subscriber (it never holds a raw newline).
+        self.json_bytes: bytes = data if isinstance(data, bytes) else dumps_safe(data)
 
     @property
-    def json_bytes(self) -> bytes:
-        """The data as compact UTF-8 JSON, encoded once and shared by every subscriber (never has a newline)."""
-        if self._json is None:
-            self._json = json.dumps(self.data, ensure_ascii=False, separators=(",", ":")).encode()
-        return self._json
+    def data(self) -> dict[str, Any]:
+        """The data, decoded from the stored JSON (a fresh dict each time)."""
+        value: dict[str, Any] = json.loads(self.json_bytes)
+        return value
 
     @property
     def json(self) -> str:
@@ -68,7 +86,7 @@ class Event:
         return self.json_bytes.decode()
 
     def __repr__(self) -> str:
-        return f"Event(id={self.id}, type={self.type.value}, data={self.data!r})"
+        return f"Event(id={self.id}, type={self.type.value}, data={self.json})"
 
 
 class TaskEventLog:
@@ -78,29 +96,31 @@ class TaskEventLog:
         self,
         task_id: str,
         *,
-        max_events: int = 10_000,
-        max_bytes: int = 32 * 1024 * 1024,
-        coalesce_bytes: int = 16 * 1024,
-        coalesce_interval: float = 0.25,
+        limits: EventLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        **overrides: Any,
     ) -> None:
         self.task_id = task_id
-        self.max_events = max_events
-        self.max_bytes = max_bytes
-        self.coalesce_bytes = coalesce_bytes
-        self.coalesce_interval = coalesce_interval
+        self.limits = dataclasses.replace(limits or EventLimits(), **overrides)
+        self.output = TextBuffer(self.limits.output_bytes)
         self._clock = clock
         self._events: list[Event] = []
-        self._bytes = 0
+        self._base = 0  # events released from the front (see release())
+        self._bytes = 0  # encoded bytes of the stored events
+        self._logs_bytes = 0
         self._finished = False
         self._wake: asyncio.Event | None = None  # created by the first waiter, set and dropped on each publish
-        self._pending: list[str] = []  # coalesced text_delta not yet published
+        self._pending: list[str] = []  # coalesced text_delta pieces not yet published
         self._pending_len = 0
         self._flush_handle: asyncio.TimerHandle | None = None
         self._subscribers = 0
         self._last_left_at: float | None = None
-        self.dropped = 0
+        self.dropped = 0  # logs/progress dropped past max_events
         self.coalesced = 0
+        self.logs_cut = 0  # logs/progress events over logs_bytes, and their bytes
+        self.logs_cut_bytes = 0
+        self.lines_shortened = 0  # log lines over log_line_bytes, and the bytes cut from them
+        self.line_bytes_cut = 0
 
     @property
     def finished(self) -> bool:
@@ -110,7 +130,12 @@ class TaskEventLog:
     @property
     def last_id(self) -> int:
         """The id of the newest published event (0 if none)."""
-        return len(self._events)
+        return self._base + len(self._events)
+
+    @property
+    def retained_bytes(self) -> int:
+        """What this log holds: its encoded events and the task's output."""
+        return self._bytes + self.output.size
 
     @property
     def subscribers(self) -> int:
@@ -123,8 +148,19 @@ class TaskEventLog:
         return self._last_left_at if self._subscribers == 0 else None
 
     def events(self, after_id: int = 0) -> list[Event]:
-        """A copy of the published events with id > after_id."""
-        return self._events[max(after_id, 0) :]
+        """A copy of the stored events with id > after_id."""
+        return self._events[max(after_id - self._base, 0) :]
+
+    def _slice(self, after_id: int, limit: int, max_bytes: int | None) -> list[Event]:
+        start = max(after_id - self._base, 0)
+        batch = self._events[start : start + limit]
+        if max_bytes is not None:
+            size = 0
+            for n, event in enumerate(batch):
+                size += len(event.json_bytes)
+                if size >= max_bytes:
+                    return batch[: n + 1]
+        return batch
 
     def append(self, type: EventType, data: dict[str, Any]) -> Event | None:
         """Add an event; returns it, or None if it was coalesced (published later), dropped, or the log finished."""
@@ -133,49 +169,128 @@ class TaskEventLog:
         if self._finished:
             logger.debug("task %s: %s after task_finish ignored", self.task_id, type.value)
             return None
-        if len(self._events) >= self.max_events:
-            if type is EventType.TEXT_DELTA:
-                return self._coalesce(str(data.get("delta", "")))
-            if type in _DROPPABLE:
-                self.dropped += 1
-                return None
+        if type is EventType.TEXT_DELTA:
+            return self._delta(str(data.get("delta", "")))
+        if type is EventType.LOGS:
+            line, cut = truncate_line(clean_text(str(data.get("line", ""))), self.limits.log_line_bytes)
+            return self._append_droppable(type, {**data, "line": line}, cut)
+        if type is EventType.PROGRESS:
+            return self._append_droppable(type, data, 0)
         self._flush_pending()
         return self._publish(type, data)
+
+    def _delta(self, text: str) -> Event | None:
+        last = None
+        for piece in split_utf8(self.output.append(clean_text(text)), self.limits.delta_bytes):
+            if self.last_id >= self.limits.max_events:
+                last = self._coalesce(piece)
+            else:
+                self._flush_pending()
+                last = self._publish(EventType.TEXT_DELTA, {"delta": piece})
+        return last
+
+    def append_line(self, stream: str, line: str, dropped: int = 0) -> Event | None:
+        """A `logs` line of which `dropped` bytes were already left out (a runtime's over-long line)."""
+        if self._finished:
+            return None
+        text, cut = truncate_line(clean_text(line), self.limits.log_line_bytes, dropped)
+        return self._append_droppable(EventType.LOGS, {"stream": stream, "line": text}, cut)
+
+    def _append_droppable(self, type: EventType, data: dict[str, Any], cut: int) -> Event | None:
+        """A logs or progress event within the event count and the logs budget; `cut` bytes were cut from its line."""
+        if self.last_id >= self.limits.max_events:
+            self.dropped += 1
+            return None
+        encoded = dumps_safe({**data, "task_id": self.task_id})
+        if self._logs_bytes + len(encoded) > self.limits.logs_bytes:
+            self.logs_cut += 1
+            self.logs_cut_bytes += len(encoded)
+            return None
+        self._logs_bytes += len(encoded)
+        if cut:
+            self.lines_shortened += 1
+            self.line_bytes_cut += cut
+        self._flush_pending()
+        return self._publish_encoded(type, encoded)
+
+    def append_text(self) -> Event | None:
+        """The `text` event: the whole kept output. Encoded piece by piece from the buffer, so the output is never
+        held joined (16 MiB of text costs 16 MiB more here, not 48)."""
+        if self._finished:
+            return None
+        self._flush_pending()
+        parts = [b'{"text":"']
+        for piece in self.output.pieces():
+            parts.append(json.dumps(clean_text(piece), ensure_ascii=False)[1:-1].encode())
+        parts.append(b'","task_id":%s}' % json.dumps(self.task_id).encode())
+        return self._publish_encoded(EventType.TEXT, b"".join(parts))
 
     def finish(self, data: dict[str, Any]) -> Event:
         """Append task_finish (the last event) and wake every subscriber so it can end. Idempotent."""
         if self._finished:
             return self._events[-1]
         self._flush_pending()
-        if self.dropped:
-            line = f"{self.dropped} log/progress/text_delta events were dropped (event log limit)"
-            self._publish(EventType.LOGS, {"stream": "gpud", "line": line})
+        notice = self.cut_notice()
+        if notice:
+            self._publish(EventType.LOGS, {"stream": "gpud", "line": notice})
         event = self._publish(EventType.TASK_FINISH, data)
         self._finished = True
         return event
 
+    def cut_notice(self) -> str | None:
+        """One line saying what the bounds cut or dropped, and how much; None when nothing was."""
+        parts = []
+        limits = self.limits
+        if self.output.cut:
+            parts.append(f"text output over the {_size(limits.output_bytes)} limit: {self.output.cut} bytes cut")
+        if self.logs_cut:
+            parts.append(
+                f"{self.logs_cut} log/progress events over the {_size(limits.logs_bytes)} log limit dropped"
+                f" ({self.logs_cut_bytes} bytes)"
+            )
+        if self.lines_shortened:
+            parts.append(
+                f"{self.lines_shortened} log lines longer than {_size(limits.log_line_bytes)} shortened"
+                f" ({self.line_bytes_cut} bytes cut)"
+            )
+        if self.dropped:
+            parts.append(f"{self.dropped} log/progress events dropped past {limits.max_events} events")
+        return "gpud cut this task's output: " + "; ".join(parts) if parts else None
+
+    def release(self) -> int:
+        """Free a finished log's stored events (all but task_finish) and output; returns the bytes freed."""
+        if not self._finished or len(self._events) <= 1:
+            return 0
+        freed = self.retained_bytes
+        last = self._events[-1]
+        self._base += len(self._events) - 1
+        self._events = [last]
+        self._bytes = len(last.json_bytes)
+        self.output.replace("")
+        return freed - self.retained_bytes
+
     def _publish(self, type: EventType, data: dict[str, Any]) -> Event:
-        event = Event(len(self._events) + 1, type, {**data, "task_id": self.task_id})
-        self._bytes += len(event.json_bytes)
+        return self._publish_encoded(type, dumps_safe({**data, "task_id": self.task_id}))
+
+    def _publish_encoded(self, type: EventType, encoded: bytes) -> Event:
+        event = Event(self.last_id + 1, type, encoded)
+        self._bytes += len(encoded)
         self._events.append(event)
         if self._wake is not None:
             self._wake.set()
             self._wake = None
         return event
 
-    def _coalesce(self, delta: str) -> Event | None:
-        if self._bytes + self._pending_len + len(delta) > self.max_bytes:
-            self.dropped += 1
-            return None
+    def _coalesce(self, piece: str) -> Event | None:
         self.coalesced += 1
-        self._pending.append(delta)
-        self._pending_len += len(delta)
-        if self._pending_len >= self.coalesce_bytes:
+        self._pending.append(piece)
+        self._pending_len += len(piece)
+        if self._pending_len >= self.limits.coalesce_bytes:
             return self._flush_pending()
         if self._flush_handle is None:
             with contextlib.suppress(RuntimeError):  # no running loop: flushed by the next event or finish()
                 loop = asyncio.get_running_loop()
-                self._flush_handle = loop.call_later(self.coalesce_interval, self._flush_pending)
+                self._flush_handle = loop.call_later(self.limits.coalesce_interval, self._flush_pending)
         return None
 
     def _flush_pending(self) -> Event | None:
@@ -213,10 +328,18 @@ class TaskEventLog:
                     yield event
 
     async def _wait_after(self, last_id: int) -> None:
-        while not self._finished and last_id >= len(self._events):
+        while not self._finished and last_id >= self.last_id:
             if self._wake is None:
                 self._wake = asyncio.Event()
             await self._wake.wait()
+
+
+def _size(n: int) -> str:
+    """A byte count in words: 16 MiB, 16 KiB, 100 bytes."""
+    for unit, name in ((MiB, "MiB"), (1024, "KiB")):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit} {name}"
+    return f"{n} bytes"
 
 
 class Subscription:
@@ -228,9 +351,10 @@ class Subscription:
         self._log = log
         self.last_id = max(after_id, 0)
 
-    def take(self, limit: int = 512) -> list[Event]:
-        """The next events after the cursor (at most `limit`), without waiting; moves the cursor past them."""
-        batch = self._log._events[self.last_id : self.last_id + limit]
+    def take(self, limit: int = 512, max_bytes: int | None = None) -> list[Event]:
+        """The next events after the cursor (at most `limit`, and past `max_bytes` of JSON only by the last one),
+        without waiting; moves the cursor past them."""
+        batch = self._log._slice(self.last_id, limit, max_bytes)
         if batch:
             self.last_id = batch[-1].id
         return batch

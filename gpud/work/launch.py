@@ -16,6 +16,7 @@ from gpud.work.task import Task, TaskError
 STOP_GRACE_SECONDS = 5.0
 # How many output lines a failed task's error quotes (the last ones).
 ERROR_TAIL_LINES = 20
+TAIL_LINE_CHARS = 1000
 
 
 def gpu_device(lease: Lease) -> GpuDevice:
@@ -48,7 +49,8 @@ def log_tail() -> collections.deque[str]:
 
 def quote_tail(lines: Collection[str]) -> str:
     """`; last log lines:` and the lines, for an error message; nothing when there were none."""
-    return "; last log lines:\n" + "\n".join(lines) if lines else ""
+    # Each line is cut: a worker's 4 MiB log line must not become a 4 MiB error message (or gpud log line).
+    return "; last log lines:\n" + "\n".join(line[:TAIL_LINE_CHARS] for line in lines) if lines else ""
 
 
 def timeout_error(task: Task, suffix: str = "") -> TaskError:

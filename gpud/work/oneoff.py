@@ -7,12 +7,14 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import shutil
-from collections.abc import Collection
+from collections.abc import Collection, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from gpud.errors import GpudError
+from gpud.errors import GpudError, Unavailable
 from gpud.gpu.scheduler import Lease, Scheduler
 from gpud.modelstore import ModelStore
 from gpud.runtime.base import ContainerRuntime, ExitStatus, Mount, Stream
@@ -20,6 +22,7 @@ from gpud.runtime.spec import build_spec
 from gpud.work.events import EventType
 from gpud.work.launch import (
     STOP_GRACE_SECONDS,
+    TAIL_LINE_CHARS,
     gpu_device,
     image_progress,
     log_tail,
@@ -28,8 +31,11 @@ from gpud.work.launch import (
     timeout_error,
 )
 from gpud.work.task import CancelHook, Task, TaskError, TaskStatus, cancel_error
+from gpud.work.textcap import LongLines
+from gpud.work.uids import WorkerIds, WorkerUser
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 TASK_INPUT_DIR = "/run/gpud-task"
 
@@ -46,21 +52,29 @@ class Outcome:
 class OneOffRunner:
     """Runs one task in its own container: input in, stdout as text deltas, stderr as logs, exit status out."""
 
-    def __init__(self, runtime: ContainerRuntime, store: ModelStore, scheduler: Scheduler, work_dir: Path) -> None:
+    def __init__(
+        self, runtime: ContainerRuntime, store: ModelStore, scheduler: Scheduler, work_dir: Path, ids: WorkerIds
+    ) -> None:
         self._runtime = runtime
         self._store = store
         self._scheduler = scheduler
         self._work_dir = work_dir
+        self._ids = ids
 
-    async def run(self, task: Task, lease: Lease) -> None:
-        """Run the task to its end; never raises (errors become the task's failure)."""
+    def admit(self, task: Task) -> WorkerUser:
+        """The host user the task's container will run as, allocated now: a full uid range is a 503 at submit."""
+        return self._ids.for_preset(task.preset.user, task.id)
+
+    async def run(self, task: Task, lease: Lease | None, user: WorkerUser) -> None:
+        """Run the task (as `user`, from admit) to its end; never raises (errors become the task's failure).
+        Without a lease (the model was not cached at submit) the GPU is leased once the model is there."""
         input_dir = self._work_dir / task.id
         stopper = asyncio.Event()
         task.cancel_hook = _cancel_hook(stopper)
         outcome = Outcome(TaskStatus.FAILED, TaskError("internal_error", "the task ended unexpectedly"))
+        held = [lease] if lease is not None else []  # the lease, once there is one (cleanup releases it)
         try:
-            task.emit(EventType.CONNECTION, status="gpu_allocated", gpu_id=lease.gpu.index)
-            outcome = await self._execute(task, lease, input_dir, stopper)
+            outcome = await self._execute(task, held, user, input_dir, stopper)
         except GpudError as exc:
             outcome = Outcome(TaskStatus.FAILED, TaskError(exc.code, exc.message))
         except asyncio.CancelledError:
@@ -71,23 +85,36 @@ class OneOffRunner:
             outcome = Outcome(TaskStatus.FAILED, TaskError("internal_error", f"internal error: {exc}"))
         finally:
             # GPU and container are released before task_finish, so a client may submit again at once.
-            await self._cleanup(task, lease, input_dir)
+            await self._cleanup(task, held, user, input_dir)
             task.finish(outcome.status, error=outcome.error, exit_code=outcome.exit_code)
 
-    async def _execute(self, task: Task, lease: Lease, input_dir: Path, stopper: asyncio.Event) -> Outcome:
-        model_dir = await self._store.ensure(task.request.model_id, model_progress(task), holder=task.id)
+    async def _execute(
+        self, task: Task, held: list[Lease], user: WorkerUser, input_dir: Path, stopper: asyncio.Event
+    ) -> Outcome:
+        if held:
+            task.emit(EventType.CONNECTION, status="gpu_allocated", gpu_id=held[0].gpu.index)
+        # A cancel (DELETE, client gone, shutdown) stops the wait for the model at once.
+        fetch = self._store.ensure(task.request.model_id, model_progress(task), holder=task.id)
+        model_dir = await _unless_stopped(stopper, fetch)
+        if model_dir is None:
+            return Outcome(TaskStatus.CANCELLED, _cancel_error(task))
+        if not held:
+            held.append(self._lease_after_fetch(task))
+        lease = held[0]
         await self._runtime.ensure_image(task.preset.image, image_progress(task))
         if stopper.is_set():
             return Outcome(TaskStatus.CANCELLED, _cancel_error(task))
         payload = json.dumps(dict(task.request.metadata))
-        await asyncio.get_running_loop().run_in_executor(None, _write_input, input_dir, payload)
+        await asyncio.get_running_loop().run_in_executor(None, _write_input, input_dir, payload, user)
         spec = build_spec(
             task.preset,
+            user=user.spec,
             task_id=task.id,
             gpu=gpu_device(lease),
             model_dir=model_dir,
             mounts=[Mount(str(input_dir), TASK_INPUT_DIR, read_only=True)],
-            env={"GPUD_TASK_INPUT": payload, "GPUD_TASK_INPUT_FILE": f"{TASK_INPUT_DIR}/input.json"},
+            # Only the file: an environment is readable wherever the process is listed (podman inspect, /proc).
+            env={"GPUD_TASK_INPUT_FILE": f"{TASK_INPUT_DIR}/input.json"},
             stop_grace_seconds=STOP_GRACE_SECONDS,
         )
         task.container_id = await self._runtime.run(spec)
@@ -95,6 +122,21 @@ class OneOffRunner:
         task.mark_running()
         task.emit(EventType.WORKER, status="working", container_id=task.container_id)
         return await self._supervise(task, stopper)
+
+    def _lease_after_fetch(self, task: Task) -> Lease:
+        """Lease the GPU now that the model is cached; none free (taken during the fetch) fails the task."""
+        try:
+            lease = self._scheduler.acquire(task.request.difficulty, task.id, "task")
+        except Unavailable as exc:
+            raise Unavailable(
+                f"{exc.message} now that the model is fetched (it stays cached: a new submission starts at once"
+                " once a GPU is free)",
+                code=exc.code,
+                retry_after=exc.retry_after,
+            ) from exc
+        task.gpu_id = lease.gpu.index
+        task.emit(EventType.CONNECTION, status="gpu_allocated", gpu_id=lease.gpu.index)
+        return lease
 
     async def _supervise(self, task: Task, stopper: asyncio.Event) -> Outcome:
         """Pump output while waiting for exit, the timeout, or a cancel; then finish the task."""
@@ -123,22 +165,35 @@ class OneOffRunner:
 
     async def _pump(self, task: Task, tail: collections.deque[str]) -> None:
         assert task.container_id is not None
+        long_lines = LongLines()
         async for line in self._runtime.logs(task.container_id, follow=True):
             if line.stream is Stream.STDOUT:
-                task.emit(EventType.TEXT_DELTA, delta=line.line + "\n")
-            else:
-                tail.append(line.line)
-                task.emit(EventType.LOGS, stream=line.stream.value, line=line.line)
+                # A long line comes in pieces; none is lost, and only its last piece ends with the newline.
+                task.emit(EventType.TEXT_DELTA, delta=line.line if line.partial else line.line + "\n")
+                continue
+            whole = long_lines.feed(line.stream.value, line.line, line.partial)
+            if whole is not None:
+                tail.append(whole[0][:TAIL_LINE_CHARS])
+                task.log.append_line(line.stream.value, *whole)
+        for stream, head, dropped in long_lines.flush():
+            task.log.append_line(stream, head, dropped)
 
-    async def _cleanup(self, task: Task, lease: Lease, input_dir: Path) -> None:
-        """Remove the container, release the model and the GPU, delete the input; each step on its own."""
+    async def _cleanup(self, task: Task, held: list[Lease], user: WorkerUser, input_dir: Path) -> None:
+        """Remove the container, release the model, GPU and uid, delete the input; each step on its own."""
+        removed = True
         if task.container_id is not None:
             try:
                 await asyncio.shield(self._runtime.remove(task.container_id))
             except Exception:
+                removed = False
                 logger.exception("could not remove container %s of task %s", task.container_id, task.id)
         self._store.release(task.request.model_id, task.id)
-        self._scheduler.release(lease)
+        for lease in held:
+            self._scheduler.release(lease)
+        if removed:
+            self._ids.release(user)
+        else:  # a worker that may still run keeps its uid: the next holder must not share it
+            logger.warning("task %s: uid %d stays reserved (its container could not be removed)", task.id, user.uid)
         with contextlib.suppress(OSError):
             await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, input_dir)
 
@@ -150,6 +205,21 @@ async def _drain(pump: asyncio.Task[None]) -> None:
         await asyncio.wait_for(asyncio.shield(pump), timeout=5.0)
 
 
+async def _unless_stopped(stopper: asyncio.Event, work: Coroutine[Any, Any, _T]) -> _T | None:
+    """The result of work, or None once stopper is set first (work is then cancelled and waited for)."""
+    job = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(stopper.wait())
+    try:
+        await asyncio.wait({job, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (job, stop):
+            pending.cancel()
+        await asyncio.gather(job, stop, return_exceptions=True)
+    if job.cancelled():
+        return None
+    return job.result()
+
+
 def _cancel_hook(stopper: asyncio.Event) -> CancelHook:
     async def cancel(reason: str) -> None:
         stopper.set()
@@ -157,13 +227,19 @@ def _cancel_hook(stopper: asyncio.Event) -> CancelHook:
     return cancel
 
 
-def _write_input(input_dir: Path, payload: str) -> None:
-    """The task input as a file, readable by the unprivileged worker user."""
-    input_dir.mkdir(parents=True, exist_ok=True)
-    input_dir.chmod(0o755)
-    path = input_dir / "input.json"
-    path.write_text(payload, encoding="utf-8")
-    path.chmod(0o644)
+def _write_input(input_dir: Path, payload: str, user: WorkerUser) -> None:
+    """The task input as a file only the worker's uid can read: the directory 0700 and the file 0400, both the
+    worker's. Both stay root's until written, so nothing can be swapped in before the chown."""
+    shutil.rmtree(input_dir, ignore_errors=True)
+    input_dir.mkdir(parents=True, mode=0o700)
+    hand_over = (user.uid, user.gid) != (os.geteuid(), os.getegid())
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(input_dir / "input.json", flags, 0o400), "wb") as file:
+        file.write(payload.encode("utf-8"))
+        if hand_over:
+            os.fchown(file.fileno(), user.uid, user.gid)
+    if hand_over:
+        os.chown(input_dir, user.uid, user.gid)
 
 
 def _cancel_error(task: Task) -> TaskError:

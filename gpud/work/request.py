@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpud.errors import InvalidRequest
+from gpud.jsonsafe import problem_of
 
 # Ids gpud generates are 32 hex digits; a client may only echo them back, so anything else is malformed.
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -55,6 +56,9 @@ def parse_task_request(body: Mapping[str, Any], default_timeout: float, max_time
         metadata = {}
     if not isinstance(metadata, dict):
         raise _bad("metadata", "metadata must be a JSON object")
+    problem = problem_of(metadata)  # the API's parser refuses these already; metadata may come from elsewhere
+    if problem:
+        raise _bad("metadata", f"metadata is not acceptable: {problem}")
     if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
         raise _bad("metadata", f"metadata is larger than {MAX_METADATA_BYTES} bytes")
     timeout = _timeout(body.get("timeout_seconds"), default_timeout, max_timeout)
@@ -95,8 +99,15 @@ def _name(body: Mapping[str, Any], key: str) -> str:
 def _timeout(value: Any, default: float, maximum: float) -> float:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad("timeout_seconds", "timeout_seconds must be a positive number")
-    if value > maximum:
-        raise _bad("timeout_seconds", f"timeout_seconds {value:g} is more than MAX_TASK_TIMEOUT {maximum:g}")
-    return float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        seconds = math.inf
+    if not seconds > 0:
+        raise _bad("timeout_seconds", "timeout_seconds must be a positive number")
+    if seconds > maximum:
+        shown = f"{seconds:g}" if math.isfinite(seconds) else "(a huge number)"
+        raise _bad("timeout_seconds", f"timeout_seconds {shown} is more than MAX_TASK_TIMEOUT {maximum:g}")
+    return seconds

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from gpud.errors import Conflict, InvalidRequest, NotFound
-from gpud.gpu.scheduler import Scheduler
+from gpud.errors import Conflict, GpudError, InvalidRequest, NotFound
+from gpud.gpu.scheduler import Lease, Scheduler
 from gpud.metrics import Metrics
 from gpud.modelstore import ModelStore
 from gpud.runtime.base import ContainerRuntime, EngineUnavailable
 from gpud.settings import LiveConfig
+from gpud.work.events import EventLimits
 from gpud.work.oneoff import OneOffRunner
 from gpud.work.request import TaskRequest, TaskType
 from gpud.work.sessions.manager import SessionManager
@@ -20,6 +22,7 @@ from gpud.work.task import Task, TaskRegistry, new_id
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 # How often the janitor looks for abandoned tasks and expired records.
 JANITOR_INTERVAL_SECONDS = 1.0
 
@@ -44,7 +47,11 @@ class TaskService:
         self._oneoff = oneoff
         self.sessions = sessions
         self._metrics = metrics
-        self.registry = TaskRegistry(lambda: config.settings.task_retention_seconds, on_finish=self._observe)
+        self.registry = TaskRegistry(
+            lambda: config.settings.task_retention_seconds,
+            on_finish=self._observe,
+            retention_bytes=lambda: config.settings.task_retention_max_bytes,
+        )
         self._runs: set[asyncio.Task[None]] = set()
 
     async def submit(self, request: TaskRequest) -> Task:
@@ -61,16 +68,36 @@ class TaskService:
         health = await self._runtime.health()
         if not health.ok:
             raise EngineUnavailable(f"the {health.runtime} engine is not reachable: {health.detail}", retry_after=5.0)
-        task = Task(request=request, preset=preset)
+        task = Task(request=request, preset=preset, limits=self._limits())
         if request.task_type is TaskType.ONEOFF:
-            lease = self._scheduler.acquire(request.difficulty, task.id, "task")
-            task.gpu_id = lease.gpu.index
-            self._spawn(self._oneoff.run(task, lease), task)
+            lease = self._oneoff_lease(task)
+            user = self._or_release(lease, lambda: self._oneoff.admit(task))
+            self._spawn(self._oneoff.run(task, lease, user), task)
         else:
             lease = self._scheduler.acquire(request.difficulty, new_id(), "session")
-            self.sessions.open(task, lease)
+            self._or_release(lease, lambda: self.sessions.open(task, lease))
         self.registry.add(task)
         return task
+
+    def _oneoff_lease(self, task: Task) -> Lease | None:
+        """The GPU, leased now when the model is cached. Otherwise None, once a free GPU is seen (a 503 now if
+        none is): the run leases it after the fetch, so a slow file service holds no GPU (docs/model-store.md)."""
+        difficulty = task.request.difficulty
+        if not self._store.cached(task.request.model_id):
+            self._scheduler.check(difficulty)
+            return None
+        lease = self._scheduler.acquire(difficulty, task.id, "task")
+        task.gpu_id = lease.gpu.index
+        return lease
+
+    def _or_release(self, lease: Lease | None, step: Callable[[], _T]) -> _T:
+        """Run a step after the GPU lease; if it fails (e.g. no worker uid free), the GPU goes back first."""
+        try:
+            return step()
+        except GpudError:
+            if lease is not None:
+                self._scheduler.release(lease)
+            raise
 
     def _submit_to_session(self, request: TaskRequest) -> Task:
         assert request.session_id is not None
@@ -80,10 +107,20 @@ class TaskService:
                 f"session {session.id} runs {session.preset.key}, not {request.model_id}/{request.preset}",
                 code="session_model_mismatch",
             )
-        task = Task(request=request, preset=session.preset)
+        task = Task(request=request, preset=session.preset, limits=self._limits())
         self.sessions.enqueue(session, task)
         self.registry.add(task)
         return task
+
+    def _limits(self) -> EventLimits:
+        """The bounds a new task's events and output get, from the settings now."""
+        settings = self._config.settings
+        return EventLimits(
+            output_bytes=settings.task_output_max_bytes,
+            logs_bytes=settings.task_logs_max_bytes,
+            log_line_bytes=settings.log_line_max_bytes,
+            delta_bytes=settings.text_delta_max_bytes,
+        )
 
     def _observe(self, task: Task) -> None:
         labels = (task.request.task_type.value, task.status.value)
@@ -122,7 +159,11 @@ class TaskService:
             now = time.monotonic()
             for task in self.registry.active():
                 left = task.log.last_left_at
-                if left is not None and now - left >= settings.client_gone_grace_seconds:
+                # Once asked, a task is left to its runner (which ends it by its timeout at the latest): asking
+                # again every second would only repeat the log line.
+                if left is None or task.cancel_reason is not None:
+                    continue
+                if now - left >= settings.client_gone_grace_seconds:
                     logger.info("task %s: no client for %.0fs; cancelling", task.id, now - left)
                     await task.cancel("client_gone")
             self.registry.purge()

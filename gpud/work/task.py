@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpud.errors import NotFound
+from gpud.jsonsafe import clean_text
 from gpud.settings.presets import Preset
-from gpud.work.events import EventType, TaskEventLog
+from gpud.work.events import Event, EventLimits, EventType, TaskEventLog
 from gpud.work.request import TaskRequest
 
 logger = logging.getLogger(__name__)
@@ -79,16 +80,20 @@ class Task:
     exit_code: int | None = None
     error: TaskError | None = None
     result: dict[str, Any] | None = None
-    output: list[str] = field(default_factory=list)
+    # The bounds of the task's events and output (from settings, via the service).
+    limits: EventLimits = field(default_factory=EventLimits)
     log: TaskEventLog = field(init=False)
     # Set by the runner while the task can be cancelled; called with a reason code.
     cancel_hook: CancelHook | None = None
     cancel_reason: str | None = None
+    released: bool = False  # finished, and its events and output dropped (retention budget)
+    # Once finished, the output lives only in the `text` event (the buffer is freed): one copy, not two.
+    _text_event: Event | None = field(default=None, init=False, repr=False)
     # Called once when the task ends (the registry uses it for metrics).
     on_finish: Callable[[Task], None] | None = None
 
     def __post_init__(self) -> None:
-        self.log = TaskEventLog(self.id)
+        self.log = TaskEventLog(self.id, limits=self.limits)
 
     @property
     def final(self) -> bool:
@@ -97,14 +102,18 @@ class Task:
 
     @property
     def text(self) -> str:
-        """The complete output so far."""
-        return "".join(self.output)
+        """The complete output so far (at most the output limit)."""
+        if self._text_event is not None:
+            return str(self._text_event.data["text"])
+        return self.log.output.text
 
     def emit(self, type: EventType, **data: Any) -> None:
-        """Append an event to the task's stream (text deltas are also collected as the output)."""
-        if type is EventType.TEXT_DELTA:
-            self.output.append(data["delta"])
+        """Append an event to the task's stream (text deltas are also collected as the output, up to its limit)."""
         self.log.append(type, data)
+
+    def set_text(self, text: str) -> None:
+        """Make `text` the whole output (a worker's complete text), cut at the output limit."""
+        self.log.output.replace(clean_text(text))
 
     def mark_running(self) -> None:
         """The task has started on a worker."""
@@ -128,20 +137,36 @@ class Task:
         self.error = error
         self.exit_code = exit_code
         self.cancel_hook = None
-        if text is not None:
-            self.output = [text]
-        if self.output or status is TaskStatus.COMPLETED:
-            self.log.append(EventType.TEXT, {"text": self.text})
         data: dict[str, Any] = {"status": status.value, "elapsed_seconds": round(self.elapsed(), 3)}
         if error is not None:
             data["error"] = error.to_dict()
         if exit_code is not None:
             data["exit_code"] = exit_code
-        self.log.finish(data)
-        if self.on_finish is not None:
-            self.on_finish(self)
+        try:
+            if text is not None:
+                self.set_text(text)
+            if self.log.output or status is TaskStatus.COMPLETED:
+                self._text_event = self.log.append_text()
+        finally:
+            # Whatever failed above, the stream must end: clients wait for task_finish.
+            self.log.finish(data)
+            if self._text_event is not None:
+                self.log.output.replace("")
+            if self.on_finish is not None:
+                try:
+                    self.on_finish(self)
+                except Exception:
+                    logger.exception("task %s: finish observer failed", self.id)
         logger.info("task %s %s%s", self.id, status.value, f" ({error.code}: {error.message})" if error else "")
         return True
+
+    def release(self) -> int:
+        """Drop a finished task's stored events and output (its record stays); returns the bytes freed."""
+        freed = self.log.release()
+        if freed:
+            self.released = True
+            self._text_event = None  # the log let go of it; so must the record
+        return freed
 
     def elapsed(self) -> float:
         """Seconds from submission to the end (or to now)."""
@@ -178,6 +203,8 @@ class Task:
             "events": self.log.last_id,
             "clients": self.log.subscribers,
         }
+        if self.released:
+            report["released"] = True  # its events and output were dropped to stay within the retention budget
         if with_result:
             report["text"] = self.text
             report["result"] = self.result
@@ -185,17 +212,31 @@ class Task:
 
 
 class TaskRegistry:
-    """Active tasks, and finished ones for a retention period (so streams can be replayed after the end)."""
+    """Active tasks, and finished ones for a retention period (so streams can be replayed after the end).
 
-    def __init__(self, retention_seconds: Callable[[], float], on_finish: Callable[[Task], None] | None = None) -> None:
+    Finished tasks also share a byte budget: past it, the oldest finished tasks' events and output are released
+    (their records stay until the retention period ends), so retention cannot hold gigabytes."""
+
+    def __init__(
+        self,
+        retention_seconds: Callable[[], float],
+        on_finish: Callable[[Task], None] | None = None,
+        retention_bytes: Callable[[], int] | None = None,
+    ) -> None:
         self._tasks: dict[str, Task] = {}
         self._retention = retention_seconds
+        self._retention_bytes = retention_bytes or (lambda: 512 * 1024 * 1024)
         self._on_finish = on_finish
 
     def add(self, task: Task) -> None:
         """Register a new task."""
         self._tasks[task.id] = task
-        task.on_finish = self._on_finish
+        task.on_finish = self._finished
+
+    def _finished(self, task: Task) -> None:
+        if self._on_finish is not None:
+            self._on_finish(task)
+        self._trim()  # at once, not at the next purge: a burst of big outputs must not pile up meanwhile
 
     def get(self, task_id: str) -> Task:
         """The task, or NotFound."""
@@ -212,10 +253,31 @@ class TaskRegistry:
         """Tasks not yet final."""
         return [t for t in self._tasks.values() if not t.final]
 
+    def retained_bytes(self) -> int:
+        """Bytes held by finished tasks' events and output."""
+        return sum(t.log.retained_bytes for t in self._tasks.values() if t.final)
+
     def purge(self, now: float | None = None) -> int:
-        """Forget finished tasks older than the retention period; returns how many."""
+        """Forget finished tasks older than the retention period, then release the oldest finished tasks' events
+        while the rest are over the byte budget; returns how many were forgotten."""
         cutoff = (now or time.time()) - self._retention()
         old = [t.id for t in self._tasks.values() if t.final and (t.finished_at or 0) < cutoff]
         for task_id in old:
             del self._tasks[task_id]
+        self._trim()
         return len(old)
+
+    def _trim(self) -> None:
+        # Oldest first, but tasks that a client is still reading go last.
+        finished = sorted(
+            (t for t in self._tasks.values() if t.final and not t.released),
+            key=lambda t: (t.log.subscribers > 0, t.finished_at or 0),
+        )
+        excess = sum(t.log.retained_bytes for t in finished) - self._retention_bytes()
+        for task in finished:
+            if excess <= 0:
+                break
+            freed = task.release()
+            if freed:
+                logger.info("task %s: released %d bytes of finished output (retention budget)", task.id, freed)
+            excess -= freed

@@ -7,12 +7,14 @@ import contextlib
 import itertools
 import logging
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpud.worker.peer import peer_of
 from gpud.worker.protocol import (
     MAX_MESSAGE_SIZE,
     PROTOCOL_VERSION,
@@ -27,11 +29,17 @@ from gpud.worker.protocol import (
 
 logger = logging.getLogger(__name__)
 
-# Socket and directory modes: the container's unprivileged user (e.g. uid 65534) must connect(), which needs
-# write permission on the socket and search permission on the directory. See docs/worker-protocol.md, Security.
-SOCKET_MODE = 0o666
-DIR_MODE = 0o711
-_READ_SIZE = 256 * 1024
+# Socket and directory modes: both belong to the worker's own uid (one per session), which alone may connect();
+# any other uid is refused by the filesystem, and, should the modes be opened up, by the SO_PEERCRED check.
+# See docs/worker-protocol.md, Security.
+SOCKET_MODE = 0o600
+DIR_MODE = 0o700
+_READ_SIZE = 64 * 1024
+# A worker sending garbage in a loop must not flood gpud's log: the first few protocol errors are logged, the
+# rest counted (protocol_errors); each message about one is cut to a readable length.
+_LOGGED_PROTOCOL_ERRORS = 10
+_PROBLEM_CHARS = 300
+_ERROR_CHARS = 4096
 _TASK_EVENTS = frozenset(
     {
         WorkerMessage.TEXT_DELTA,
@@ -92,11 +100,14 @@ class _Running:
 
 
 class WorkerChannel:
-    """Listens on `<socket_dir>/worker.sock`, accepts one worker, and runs its tasks one at a time."""
+    """Listens on `<socket_dir>/worker.sock`, accepts one worker running as `uid`, and runs its tasks one at a
+    time. The directory and socket are handed to uid:gid (0700/0600); connections from any other uid are
+    refused without taking the worker's place."""
 
-    def __init__(self, socket_dir: Path, *, max_message: int = MAX_MESSAGE_SIZE) -> None:
+    def __init__(self, socket_dir: Path, *, uid: int, gid: int, max_message: int = MAX_MESSAGE_SIZE) -> None:
         self.socket_dir = Path(socket_dir)
         self.socket_path = self.socket_dir / SOCKET_NAME
+        self.uid, self.gid = uid, gid
         self._max = max_message
         self._server: asyncio.Server | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -110,6 +121,7 @@ class WorkerChannel:
         self._gone: WorkerGone | None = None
         self._started_at = 0.0
         self.protocol_errors = 0
+        self.refused_peers = 0  # connections from a uid other than the worker's
 
     @property
     def running_task(self) -> str | None:
@@ -122,17 +134,34 @@ class WorkerChannel:
         return self._gone is not None
 
     async def start(self) -> None:
-        """Create the socket directory and listen; the worker may connect from now on."""
-        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        """Create the socket directory, listen, and hand both to the worker's uid; it may connect from now on."""
+        # A fresh directory that stays root's until the socket is ready: nothing a previous holder of this path
+        # (a restarted session) left survives, and nobody can swap the socket for a link before it is chowned.
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        self.socket_dir.mkdir(parents=True, mode=DIR_MODE)
         os.chmod(self.socket_dir, DIR_MODE)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()  # a stale socket from a previous run would make bind() fail
         self._ready = asyncio.get_running_loop().create_future()
         self._started_at = time.monotonic()
         self._server = await asyncio.start_unix_server(self._on_connect, path=str(self.socket_path), limit=self._max)
         os.chmod(self.socket_path, SOCKET_MODE)
+        if (self.uid, self.gid) != (os.geteuid(), os.getegid()):
+            os.chown(self.socket_path, self.uid, self.gid, follow_symlinks=False)
+            os.chown(self.socket_dir, self.uid, self.gid)  # last: from now on the worker's uid may enter
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = peer_of(writer)
+        if peer is None or peer.uid != self.uid:
+            # Not the worker: refused, and the worker's place stays free for the real one.
+            self.refused_peers += 1
+            logger.warning(
+                "worker socket %s: refusing a connection from pid %s uid %s (the worker runs as uid %d)",
+                self.socket_path,
+                peer.pid if peer else "?",
+                peer.uid if peer else "?",
+                self.uid,
+            )
+            writer.close()
+            return
         if self._writer is not None or self._gone is not None:
             # Exactly one worker per session socket; a second connection is refused, not queued.
             logger.warning("worker socket %s: refusing a second connection", self.socket_path)
@@ -153,25 +182,38 @@ class WorkerChannel:
             while data := await reader.read(_READ_SIZE):
                 for item in framer.feed(data):
                     self._dispatch_line(item)
+                # read() does not yield while the stream has buffered data, and a flooding worker keeps it full:
+                # give the loop (the API, /health, other sessions) a turn after each chunk.
+                await asyncio.sleep(0)
         except (ConnectionError, OSError) as exc:
             reason = f"worker connection failed: {exc}"
-        self._mark_gone(reason)
+        except Exception as exc:  # a bug here must not leave a running task waiting out its timeout
+            logger.exception("worker socket %s: reading from the worker failed", self.socket_path)
+            reason = f"gpud could not read from the worker: {exc}"
+        finally:
+            # Always: whatever ended the loop (even cancellation), the running task learns at once.
+            self._mark_gone(reason)
 
     def _dispatch_line(self, item: bytes | ProtocolError) -> None:
         try:
             if isinstance(item, ProtocolError):
                 raise item
             message = decode(item, max_size=self._max)
+            self._dispatch(message)
         except ProtocolError as exc:
             self._protocol_error(str(exc))
-            return
-        self._dispatch(message)
+        except Exception as exc:  # fields of an unexpected type (e.g. an unhashable ping id): skip the message
+            self._protocol_error(f"message could not be handled: {type(exc).__name__}: {exc}")
 
     def _protocol_error(self, problem: str) -> None:
         # A broken message is skipped, not fatal: the worker may still finish its task. The running task's
         # consumer sees it as a log line so the client learns why output may be missing.
         self.protocol_errors += 1
-        logger.warning("worker socket %s: protocol error: %s", self.socket_path, problem)
+        problem = problem[:_PROBLEM_CHARS]
+        if self.protocol_errors <= _LOGGED_PROTOCOL_ERRORS:
+            logger.warning("worker socket %s: protocol error: %s", self.socket_path, problem)
+            if self.protocol_errors == _LOGGED_PROTOCOL_ERRORS:
+                logger.warning("worker socket %s: further protocol errors are counted, not logged", self.socket_path)
         if self._running is not None:
             data = {"stream": "gpud", "line": f"worker protocol error: {problem}"}
             self._running.queue.put_nowait(WorkerEvent(WorkerMessage.LOG, self._running.task_id, data))
@@ -191,13 +233,13 @@ class WorkerChannel:
         elif kind in _TASK_EVENTS:
             self._on_task_event(kind, message)
         else:
-            logger.debug("worker socket %s: ignoring unknown message type %r", self.socket_path, kind)
+            logger.debug("worker socket %s: ignoring unknown message type %.40r", self.socket_path, kind)
 
     def _on_hello(self, message: dict[str, Any]) -> None:
         self._hello = message
         version = message.get("protocol")
         if version != PROTOCOL_VERSION:
-            problem = f"worker speaks protocol {version!r}, gpud speaks {PROTOCOL_VERSION}"
+            problem = f"worker speaks protocol {version!r:.40}, gpud speaks {PROTOCOL_VERSION}"
             self._send_nowait({"type": HostMessage.SHUTDOWN, "reason": problem})
             self._fail_ready(WorkerSetupFailed(problem))
 
@@ -213,7 +255,7 @@ class WorkerChannel:
             self._ready.set_result(ready)
 
     def _on_worker_error(self, message: dict[str, Any]) -> None:
-        text = str(message.get("message", "worker error"))
+        text = str(message.get("message", "worker error"))[:_ERROR_CHARS]  # quoted in gpud's log and errors
         if self._ready is not None and not self._ready.done():
             self._fail_ready(WorkerSetupFailed(text))
         else:

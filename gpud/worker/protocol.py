@@ -11,6 +11,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from gpud.jsonsafe import UnsafeJSON, loads_strict
+
 # Bumped only for incompatible changes; additive fields and new message types keep the version.
 PROTOCOL_VERSION = 1
 # One message (JSON plus the trailing newline) may not exceed this many bytes, in either direction.
@@ -25,7 +27,6 @@ CONTAINER_SDK_PATH = f"{CONTAINER_SDK_DIR}/gpud_worker.py"
 
 # Environment variables a worker reads.
 ENV_SOCKET = "GPUD_WORKER_SOCKET"
-ENV_TASK_INPUT = "GPUD_TASK_INPUT"
 ENV_TASK_INPUT_FILE = "GPUD_TASK_INPUT_FILE"
 ENV_CONNECT_TIMEOUT = "GPUD_WORKER_CONNECT_TIMEOUT"
 
@@ -85,9 +86,11 @@ def decode(line: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> dict[str, Any]:
     if len(line) > max_size:
         raise ProtocolError(f"message is {len(line)} bytes, over {max_size}")
     try:
-        message = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"message is not valid UTF-8 JSON: {exc}") from exc
+        # Strict: NaN/Infinity, numbers out of range and nesting deeper than 64 are refused (and RecursionError
+        # or the integer digit limit cannot escape); lone surrogates in strings become U+FFFD.
+        message = loads_strict(line, clean_strings=True)
+    except UnsafeJSON as exc:
+        raise ProtocolError(f"message is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"message must be a JSON object, got {type(message).__name__}")
     if not isinstance(message.get("type"), str):

@@ -18,7 +18,7 @@ PYTHONPATH=/opt/gpud/lib, so a worker does `import gpud_worker`. The protocol is
         gpud_worker.serve(Echo)
 
 With GPUD_WORKER_SOCKET set, serve() speaks the protocol (session mode). Without it, serve() runs one task from
-GPUD_TASK_INPUT_FILE or GPUD_TASK_INPUT (JSON), prints the text to stdout as it comes, and exits 0 or 1.
+the JSON file GPUD_TASK_INPUT_FILE names, prints the text to stdout as it comes, and exits 0 or 1.
 """
 
 from __future__ import annotations
@@ -252,13 +252,12 @@ def _connect(path: str, timeout: float) -> socket.socket:
 
 
 def read_task_input() -> dict[str, Any]:
-    """One-off input: the JSON file named by GPUD_TASK_INPUT_FILE, else GPUD_TASK_INPUT, else {}."""
+    """One-off input: the JSON file named by GPUD_TASK_INPUT_FILE (readable by this worker's uid only), else {}."""
     path = os.environ.get("GPUD_TASK_INPUT_FILE")
+    raw = ""
     if path:
         with open(path, encoding="utf-8") as fh:
             raw = fh.read()
-    else:
-        raw = os.environ.get("GPUD_TASK_INPUT", "")
     value = json.loads(raw) if raw.strip() else {}
     return value if isinstance(value, dict) else {"input": value}
 

@@ -27,6 +27,10 @@ from gpud.settings.presets import Limits, Preset
 WORKER_IMAGE = os.environ.get("GPUD_TEST_WORKER_IMAGE", "gpud-worker-python:latest")
 SOCKET_ENV = {"podman": "GPUD_TEST_PODMAN_SOCKET", "docker": "GPUD_TEST_DOCKER_SOCKET"}
 TEST_RUN_LABEL = "gpud.test_run"
+# The host user contract-test workers run as: the top of gpud's default worker uid range (a daemon allocates from
+# the bottom), as gpud would give one worker of its own.
+TEST_WORKER_UID = 2_000_065_535
+TEST_WORKER_USER = f"{TEST_WORKER_UID}:{TEST_WORKER_UID}"
 # Small limits so the contract tests exercise them quickly; the defaults (16g ...) are checked by unit tests.
 TEST_LIMITS = Limits(memory_bytes=128 * 1024**2, cpus=1.0, pids=64, shm_bytes=16 * 1024**2, tmpfs_bytes=16 * 1024**2)
 
@@ -148,7 +152,7 @@ def model_dir(tmp_path: Path) -> Path:
     models = tmp_path / "models"
     models.mkdir()
     (models / "weights.txt").write_text("weights-v1\n")
-    # pytest's tmp dirs are 0700 root: open the path so uid 65534 inside the worker can reach the models.
+    # pytest's tmp dirs are 0700 root: open the path so the worker's own uid can reach the models.
     for path in [*reversed(models.parents[:3]), models]:
         path.chmod(path.stat().st_mode | 0o755)
     (models / "weights.txt").chmod(0o644)
@@ -168,6 +172,7 @@ class SpecMaker:
         preset = Preset(model_id="test-model", name="contract", image=WORKER_IMAGE, command=command, limits=limits)
         spec = build_spec(
             preset,
+            user=kwargs.pop("user", TEST_WORKER_USER),
             task_id=task_id,
             session_id=f"sess-{self.run_id}",
             gpu=kwargs.pop("gpu", GpuDevice(gpu_id="0", uuid="GPU-static-0", attach=False)),

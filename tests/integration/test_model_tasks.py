@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.fileservice import FileService
-from tests.integration.stack import Stack, runtimes, stack_fixture
+from tests.integration.stack import Stack, parse_sse, runtimes, stack_fixture
 
 GPUS = 16
 
@@ -76,3 +76,33 @@ async def test_fetched_model_is_mounted_read_only_into_a_session_worker(
         text = next(e for e in events if e.event == "text").data["text"]
         assert text.split()[0] == "alpha", "the worker read the fetched tokens.txt"
         assert svc.requests[stack.model_id] == 1
+
+
+async def test_oneoff_leases_its_gpu_only_after_the_fetch(svc: FileService, tmp_path: Path) -> None:
+    async for stack in fetching_stack("process", svc, tmp_path, gpus=1):
+        scheduler = stack.services.scheduler
+        # No GPU free: the fast 503 stays, though the model is not cached and nothing is leased to check.
+        holder = scheduler.acquire("low", "someone-else", "task")
+        async with await stack.submit(stack.body("oneoff")) as refused:
+            assert refused.status == 503 and (await refused.json())["error"]["code"] == "no_gpu_available"
+        assert svc.requests[stack.model_id] == 0
+        scheduler.release(holder)
+        # A free GPU at submit, taken during the fetch: the task fails in its stream; the model stays cached.
+        svc.set(stack.model_id, chunk_delay=0.05, chunk_size=16)
+        async with await stack.submit(stack.body("oneoff")) as response:
+            assert response.status == 200
+            await response.content.readuntil(b"downloading")
+            assert scheduler.leases() == [], "no GPU is held while the model is fetched"
+            holder = scheduler.acquire("low", "someone-else", "task")
+            events = parse_sse((await response.read()).decode())
+        finish = events[-1].data
+        assert finish["status"] == "failed" and finish["error"]["code"] == "no_gpu_available", finish
+        assert "now that the model is fetched" in finish["error"]["message"]
+        assert not [e for e in events if e.data.get("status") == "gpu_allocated"]
+        assert (stack.base / "models" / stack.model_id / "tokens.txt").is_file()
+        scheduler.release(holder)
+        assert scheduler.leases() == []
+        # Cached now: leased at submit, gpu_allocated first, as before.
+        again = await stack.run(stack.body("oneoff"))
+        assert again[0].data["status"] == "gpu_allocated" and again[-1].data["status"] == "completed"
+        assert svc.requests[stack.model_id] == 1 and scheduler.leases() == []

@@ -6,8 +6,10 @@ the environment it re-reads is a dict the test changes, as an operator would edi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,12 @@ COVERED = {
     "client_gone_grace_seconds": "test_client_gone_grace",
     "task_retention_seconds": "test_task_retention",
     "sse_heartbeat_seconds": "test_heartbeat",
+    "sse_send_timeout_seconds": "test_sse_send_timeout",
+    "task_output_max_bytes": "test_output_and_log_limits",
+    "text_delta_max_bytes": "test_output_and_log_limits",
+    "task_logs_max_bytes": "test_output_and_log_limits",
+    "log_line_max_bytes": "test_output_and_log_limits",
+    "task_retention_max_bytes": "test_task_retention_budget",
     "auto_fetch_models": "test_auto_fetch",
     "file_service_url": "test_file_service_url",
     "file_service_internal_key": "test_file_service_key",
@@ -46,6 +54,14 @@ COVERED = {
     "metrics_public": "test_metrics_public",
     "log_level": "test_log_level",
     "presets_file": "test_presets_file",
+    "model_archive_max_bytes": "test_model_fetch_limits",
+    "model_archive_max_ratio": "test_model_fetch_limits",
+    "model_archive_max_entries": "test_model_fetch_limits",
+    "model_archive_max_depth": "test_model_fetch_limits",
+    "model_archive_max_path": "test_model_fetch_limits",
+    "model_fetch_min_rate": "test_model_fetch_limits",
+    "model_fetch_rate_window": "test_model_fetch_limits",
+    "model_fetch_deadline": "test_model_fetch_limits",
 }
 
 
@@ -204,6 +220,48 @@ async def test_heartbeat(r: Reloading) -> None:
         await r.stack.call("DELETE", f"/api/sessions/{session_id}")
 
 
+async def test_output_and_log_limits(r: Reloading) -> None:
+    await r.reload(GPUD_TASK_OUTPUT_MAX_BYTES="10", GPUD_TEXT_DELTA_MAX_BYTES="4", GPUD_LOG_LINE_MAX_BYTES="8")
+    events = await r.stack.run(r.stack.body("oneoff", metadata={"prompt": "alpha beta gamma"}))
+    deltas = [e.data["delta"] for e in events if e.event == "text_delta"]
+    assert "".join(deltas) == "alpha\nbeta" and max(len(d) for d in deltas) <= 4
+    (line,) = [e.data["line"] for e in events if e.event == "logs" and e.data["stream"] == "stderr"]
+    assert line.startswith("oneoff: … [") and line.endswith("more bytes cut by gpud]")
+    await r.reload(GPUD_TASK_LOGS_MAX_BYTES="10")
+    events = await r.stack.run(r.stack.body("oneoff", metadata={"prompt": "alpha"}))
+    assert not [e for e in events if e.event == "logs" and e.data["stream"] == "stderr"]
+    notice = next(e.data["line"] for e in events if e.event == "logs" and e.data["stream"] == "gpud")
+    assert "1 log/progress events over the 10 bytes log limit dropped" in notice
+
+
+async def test_task_retention_budget(r: Reloading) -> None:
+    first = (await r.stack.run(r.stack.body("oneoff", metadata={"prompt": "alpha"})))[0].data["task_id"]
+    assert "released" not in (await r.stack.get(f"/api/tasks/{first}"))[1]
+    await r.reload(GPUD_TASK_RETENTION_MAX_BYTES="1")
+    second = (await r.stack.run(r.stack.body("oneoff", metadata={"prompt": "beta"})))[0].data["task_id"]
+    for task_id in (first, second):  # over the budget: both released, the records kept
+        status, task = await r.stack.get(f"/api/tasks/{task_id}")
+        assert status == 200 and task["released"] is True and task["text"] == ""
+
+
+async def test_sse_send_timeout(r: Reloading, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gpud.api.sse")
+    # About 10 MB of events: more than the kernel buffers between gpud and a client that never reads.
+    events = await r.stack.run(r.stack.body("oneoff", metadata={"max_tokens": 400_000}))
+    task = r.stack.services.tasks.registry.get(events[0].data["task_id"])
+    await r.reload(GPUD_SSE_SEND_TIMEOUT_SECONDS="0.5")
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:  # a client that asks and never reads
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (r.stack.server.host, r.stack.server.port))
+        request = f"GET /api/tasks/{task.id}/events HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        await wait_until(lambda: task.log.subscribers == 1, "the stalled client to attach", timeout=10)
+        await wait_until(lambda: task.log.subscribers == 0, "the stalled client to be dropped", timeout=10)
+    assert "took no data for 0.5s" in caplog.text
+
+
 async def fetching(service: FileService, tmp_path: Path, **env: str) -> AsyncIterator[Reloading]:
     """A stack whose model must come from the file service, which serves it."""
     async for item in reloading(env):
@@ -249,6 +307,47 @@ async def test_file_service_key(svc: FileService, tmp_path: Path) -> None:
         assert await oneoff_outcome(r.stack) == ("failed", "model_fetch_failed")
         await r.reload(FILE_SERVICE_INTERNAL_KEY=svc.key or "")
         assert await oneoff_outcome(r.stack) == ("completed", None)
+
+
+async def fetch_refused_by(stack: Stack, setting: str) -> None:
+    """A one-off fails to fetch its model, the message naming `setting`; nothing stays in the cache."""
+    finish = (await stack.run(stack.body("oneoff")))[-1].data
+    assert finish["status"] == "failed" and finish["error"]["code"] == "model_fetch_failed", finish
+    assert setting in finish["error"]["message"], finish
+    assert not (stack.base / "models" / stack.model_id).exists()
+
+
+async def test_model_fetch_limits(svc: FileService, tmp_path: Path) -> None:
+    env = {"FILE_SERVICE_URL": svc.url, "FILE_SERVICE_INTERNAL_KEY": svc.key or "", "AUTO_FETCH_MODELS": "true"}
+    async for r in fetching(svc, tmp_path, **env):
+        model = r.stack.model_id
+        # 20 MiB of zeros in ~20 KB: over the default ratio cap (50 x the download + 16 MiB).
+        (tmp_path / "tree" / "sub").mkdir()
+        (tmp_path / "tree" / "sub" / "zeros.bin").write_bytes(bytes(20 << 20))
+        svc.add_tree(model, tmp_path / "tree", tmp_path / "model.tar.gz", gzip=True)
+        await fetch_refused_by(r.stack, "GPUD_MODEL_ARCHIVE_MAX_RATIO")
+        await r.reload(GPUD_MODEL_ARCHIVE_MAX_RATIO="none")
+        tight = {  # setting: (a value that refuses this model, the default)
+            "GPUD_MODEL_ARCHIVE_MAX_ENTRIES": ("1", "20000"),
+            "GPUD_MODEL_ARCHIVE_MAX_DEPTH": ("1", "32"),
+            "GPUD_MODEL_ARCHIVE_MAX_PATH": ("3", "1024"),
+            "GPUD_MODEL_ARCHIVE_MAX_BYTES": ("1k", "1t"),
+        }
+        for name, (value, default) in tight.items():
+            await r.reload(**{name: value})
+            await fetch_refused_by(r.stack, name)
+            await r.reload(**{name: default})
+        assert await oneoff_outcome(r.stack) == ("completed", None)
+        # A slow service (~20 KiB/s, about 1 s for this model): the rate, its window, the deadline.
+        await r.stack.services.models.remove(model)
+        svc.set(model, chunk_delay=0.05, chunk_size=1024)
+        await r.reload(GPUD_MODEL_FETCH_MIN_RATE="1m", GPUD_MODEL_FETCH_RATE_WINDOW="0.2")
+        await fetch_refused_by(r.stack, "GPUD_MODEL_FETCH_MIN_RATE")
+        await r.reload(GPUD_MODEL_FETCH_RATE_WINDOW="30")  # the body ends before a window does
+        assert await oneoff_outcome(r.stack) == ("completed", None)
+        await r.stack.services.models.remove(model)
+        await r.reload(GPUD_MODEL_FETCH_DEADLINE="0.3")
+        await fetch_refused_by(r.stack, "GPUD_MODEL_FETCH_DEADLINE")
 
 
 async def test_file_service_key_header(tmp_path: Path) -> None:

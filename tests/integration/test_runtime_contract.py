@@ -24,6 +24,7 @@ from gpud.runtime.base import (
     Stream,
 )
 from gpud.settings.images import ImageNotAllowed, ImagePolicy
+from tests.integration.conftest import TEST_WORKER_UID
 
 MakeSpec = Callable[..., ContainerSpec]
 TEST_RUN_LABEL = "gpud.test_run"  # set on every test container by conftest's make_spec
@@ -204,7 +205,7 @@ async def test_models_read_only(runtime: ContainerRuntime, make_spec: MakeSpec) 
 async def test_runs_as_unprivileged_user(runtime: ContainerRuntime, make_spec: MakeSpec) -> None:
     require(runtime, Capability.NON_ROOT_USER)
     status, out, _ = await run_to_end(runtime, make_spec("sh", "-c", "id -u; id -g"))
-    assert out == ["65534", "65534"]
+    assert out == [str(TEST_WORKER_UID), str(TEST_WORKER_UID)]
 
 
 async def test_environment_contract(runtime: ContainerRuntime, make_spec: MakeSpec) -> None:

@@ -19,6 +19,7 @@ from gpud.runtime import make_runtime
 from gpud.runtime.base import ContainerRuntime, ContainerSpec, EngineUnavailable, GpuDevice, Mount, Stream
 from gpud.runtime.spec import build_spec
 from gpud.settings.presets import Limits, Preset
+from tests.integration.conftest import TEST_WORKER_UID, TEST_WORKER_USER
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +38,7 @@ def hardened_spec(run_id: str, model_dir: Path, socket_dir: Path, image: str) ->
     preset = Preset(model_id="hard-model", name="hard", image=image, command=command, limits=LIMITS)
     spec = build_spec(
         preset,
+        user=TEST_WORKER_USER,
         task_id=f"task-{run_id}",
         session_id=f"sess-{run_id}",
         gpu=GpuDevice(gpu_id="1", uuid="GPU-static-1", attach=False),
@@ -77,7 +79,7 @@ async def test_engine_inspect_shows_every_hardening_setting(
     assert host["MemorySwap"] == 300 * MIB  # memory+swap == memory: no swap
     assert (host["CpuQuota"], host["CpuPeriod"]) == (50_000, 100_000)
     assert host["ShmSize"] == 32 * MIB
-    assert config["User"] == "65534:65534"
+    assert config["User"] == TEST_WORKER_USER
     assert mounts_by_target(doc) == {"/models": False, "/run/gpud-worker": True}
     env = dict(item.split("=", 1) for item in config["Env"])
     assert env["MODEL_PATH"] == "/models"
@@ -87,7 +89,7 @@ async def test_engine_inspect_shows_every_hardening_setting(
         "1",
     )
     labels = config["Labels"]
-    assert labels["gpud.managed"] == "true"
+    assert labels["gpud.managed"] == "true" and labels["gpud.uid"] == str(TEST_WORKER_UID)
     assert (labels["gpud.task_id"], labels["gpud.session_id"]) == (f"task-{run_id}", f"sess-{run_id}")
     assert (labels["gpud.gpu_uuid"], labels["gpud.model"], labels["gpud.preset"]) == (
         "GPU-static-1",

@@ -134,18 +134,19 @@ async def test_over_max_events_deltas_are_coalesced_and_nothing_is_lost() -> Non
     assert log.events(12)[0].data["delta"] == "d"
     end = log.finish({"status": "completed"})
     notice = log.events(end.id - 2)[0]
-    assert notice.type is EventType.LOGS and "1 log/progress/text_delta" in notice.data["line"]
+    assert notice.type is EventType.LOGS and "1 log/progress events dropped past 10 events" in notice.data["line"]
     whole = "".join(e.data.get("delta", "") for e in await drain(log))
     assert whole == "".join(f"{i}." for i in range(10)) + "a" * 20 + "b" * 40 + "cd"
     assert log.coalesced == 4
 
 
-def test_max_bytes_drops_deltas_but_keeps_control_events() -> None:
-    log = TaskEventLog("t", max_events=2, max_bytes=200, coalesce_bytes=10)
+def test_output_limit_cuts_deltas_but_keeps_control_events() -> None:
+    log = TaskEventLog("t", max_events=2, output_bytes=200, coalesce_bytes=10)
     delta(log, "x")
     delta(log, "y")
-    assert delta(log, "z" * 500) is None
-    assert log.dropped == 1
-    assert log.append(EventType.TEXT, {"text": "xy"}) is not None
+    assert delta(log, "z" * 500) is not None  # the part that fits (198 bytes) is kept
+    assert delta(log, "more") is None
+    assert log.output.text == "xy" + "z" * 198 and log.output.cut == 302 + 4
+    assert log.append(EventType.TEXT, {"text": log.output.text}) is not None
     log.finish({"status": "completed"})
     assert [e.type for e in log.events()][-2:] == [EventType.LOGS, EventType.TASK_FINISH]

@@ -12,7 +12,7 @@ import pytest
 
 from gpud.errors import GpudError
 from gpud.modelstore import ModelStore
-from gpud.modelstore.archive import UnsafeArchive, extract_tar
+from gpud.modelstore.archive import ArchiveLimits, ExtractCaps, UnsafeArchive, extract_tar
 from tests.fileservice import FileService, tar_bytes
 
 Member = tuple[tarfile.TarInfo, bytes | None]
@@ -32,6 +32,11 @@ def special(name: str, kind: bytes, linkname: str = "") -> Member:
 
 def sym(name: str, target: str) -> Member:
     return special(name, tarfile.SYMTYPE, target)
+
+
+def byte_cap(max_bytes: int | None) -> ExtractCaps:
+    """The default caps, with only an absolute byte cap."""
+    return ArchiveLimits(max_bytes=max_bytes, max_ratio=None).caps_for(0, None)
 
 
 def tree(root: Path) -> set[str]:
@@ -72,7 +77,7 @@ def test_hostile_archive_refused(tmp_path: Path, case: str) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(UnsafeArchive):
-        extract_tar(archive, dest, max_bytes=1000, reserved=frozenset({".gpud-manifest.json"}))
+        extract_tar(archive, dest, caps=byte_cap(1000), reserved=frozenset({".gpud-manifest.json"}))
     written_outside = {p for p in tree(tmp_path) if p != "dest" and not p.startswith("dest/")}
     assert written_outside == {"outside", "outside/secret", "x.tar"}
     assert not Path("/tmp/gpud-evil").exists()
@@ -86,7 +91,7 @@ def test_gzip_bomb_stops_at_cap(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(UnsafeArchive, match="more than the limit"):
-        extract_tar(archive, dest, max_bytes=1 << 20)
+        extract_tar(archive, dest, caps=byte_cap(1 << 20))
     assert not (dest / "zeros").exists()
 
 
@@ -103,7 +108,7 @@ def test_benign_archive_extracts(tmp_path: Path) -> None:
     archive.write_bytes(tar_bytes(members))
     dest = tmp_path / "dest"
     dest.mkdir()
-    entries = extract_tar(archive, dest, max_bytes=None)
+    entries = extract_tar(archive, dest, caps=byte_cap(None))
     assert [(e.path, e.size) for e in entries] == [("a/b/w.bin", 7), ("run", 2)]
     assert (dest / "a" / "latest").read_bytes() == b"weights"
     assert (dest / "a" / "hard").read_bytes() == b"weights"

@@ -14,6 +14,7 @@ import pytest
 
 from gpud.errors import GpudError, NotFound, Unavailable
 from gpud.modelstore import MANIFEST_NAME, FetchPhase, FetchProgress, ModelStore
+from gpud.modelstore.archive import ArchiveLimits
 from tests.fileservice import FileService
 from tests.waiting import wait_until
 
@@ -177,7 +178,7 @@ async def test_huge_announced_length_refused_before_download(make_store: MakeSto
 async def test_body_over_cap_without_length(make_store: MakeStore, svc: FileService) -> None:
     svc.add_zeros("m", 20 * MiB)
     svc.set("m", send_length=False)
-    st = await make_store(max_archive_bytes=8 * MiB)
+    st = await make_store(limits=ArchiveLimits(max_bytes=8 * MiB))
     with pytest.raises(GpudError, match="over the limit"):
         await st.ensure("m")
     assert leftovers(st.cache_dir) == []

@@ -56,6 +56,25 @@ def test_problems_name_model_and_preset(tmp_path: Path) -> None:
     assert "models.../evil" in text
 
 
+def test_user_is_null_root_or_numeric_never_a_name(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    good = {"none": "null", "root": "root", "zero": "0", "uid": "1234", "both": "'1234:99'", "int": "4321"}
+    path.write_text(
+        "models:\n  m:\n" + "".join(f"    {name}: {{docker_image: img, user: {user}}}\n" for name, user in good.items())
+    )
+    users = {p.name: p.user for p in load_presets(path).all()}
+    assert users == {"none": None, "root": "root", "zero": "0", "uid": "1234", "both": "1234:99", "int": "4321"}
+    bad = {"name": "nobody", "group": "'1000:staff'", "neg": "-1", "big": "4294967295", "flag": "true"}
+    path.write_text(
+        "models:\n  m:\n" + "".join(f"    {name}: {{docker_image: img, user: {user}}}\n" for name, user in bad.items())
+    )
+    with pytest.raises(ConfigError) as info:
+        load_presets(path)
+    assert len(info.value.problems) == len(bad)
+    assert all("numeric uid" in problem for problem in info.value.problems)
+    assert "names are not accepted" in info.value.problems[0]
+
+
 def test_not_yaml_and_wrong_shape(tmp_path: Path) -> None:
     path = tmp_path / "models.yaml"
     path.write_text("models: [\n")

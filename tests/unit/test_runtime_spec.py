@@ -13,8 +13,10 @@ from gpud.runtime.podman import podman_create_payload
 from gpud.runtime.process import host_path
 from gpud.runtime.spec import build_spec, container_name
 from gpud.settings.presets import Limits, Preset
+from gpud.work.uids import WorkerIds
 
 GIB = 1024**3
+WORKER = "2000000000:2000000000"  # what gpud's WorkerIds gives a worker of a preset without `user`
 PRESET = Preset(
     model_id="llama-7b",
     name="inference",
@@ -26,9 +28,10 @@ REAL_GPU = GpuDevice(gpu_id="0", uuid="GPU-1111", attach=True)
 STATIC_GPU = GpuDevice(gpu_id="1", uuid="static-1", attach=False)
 
 
-def spec(gpu: GpuDevice | None = REAL_GPU, preset: Preset = PRESET) -> ContainerSpec:
+def spec(gpu: GpuDevice | None = REAL_GPU, preset: Preset = PRESET, user: str = WORKER) -> ContainerSpec:
     return build_spec(
         preset,
+        user=user,
         task_id="t-1",
         session_id="s-1",
         gpu=gpu,
@@ -42,7 +45,7 @@ def test_defaults_are_hardened() -> None:
     s = spec()
     assert s.network_none and s.read_only_rootfs and s.no_new_privileges
     assert s.cap_drop == ("ALL",)
-    assert s.user == "65534:65534"
+    assert s.user == WORKER
     assert s.limits.memory_bytes == 16 * GIB
     assert s.tmpfs_path == "/tmp"
 
@@ -64,15 +67,20 @@ def test_env_labels_and_mounts() -> None:
         "gpud.gpu_uuid": "GPU-1111",
         "gpud.model": "llama-7b",
         "gpud.preset": "inference",
+        "gpud.uid": "2000000000",
     }
     assert s.mounts[0] == Mount("/var/cache/gpud/models/llama-7b", "/models", read_only=True)
     assert s.mounts[1].read_only is False
     assert s.name == "gpud-s-s-1"
 
 
-def test_preset_user_overrides_default() -> None:
-    preset = Preset(model_id="m", name="p", image="i", user="root")
-    assert spec(preset=preset).user == "root"
+def test_preset_user_resolves_to_host_ids() -> None:
+    ids = WorkerIds(2_000_000_000, 2_000_000_009, can_switch=True)
+    resolved = {user: ids.for_preset(user, "holder").spec for user in (None, "root", "0", "1234", "1234:99")}
+    assert resolved == {None: WORKER, "root": "0:0", "0": "0:0", "1234": "1234:1234", "1234:99": "1234:99"}
+    assert ids.in_use == 1  # only the preset without a user took an id of its own
+    root = spec(preset=Preset(model_id="m", name="p", image="i", user="root"), user=resolved["root"])
+    assert (root.user, root.labels["gpud.uid"]) == ("0:0", "0")
 
 
 def test_no_gpu_hides_devices() -> None:
@@ -96,7 +104,7 @@ def test_podman_payload() -> None:
         "pids": {"limit": 512},
     }
     assert p["shm_size"] == GIB
-    assert p["user"] == "65534:65534"
+    assert p["user"] == WORKER
     tmpfs, models, sock = p["mounts"]
     assert (tmpfs["destination"], tmpfs["type"]) == ("/tmp", "tmpfs")
     assert f"size={256 * 1024**2}" in tmpfs["options"]
@@ -123,7 +131,7 @@ def test_docker_payload() -> None:
         "ReadOnly": True,
     }
     assert h["DeviceRequests"] == [{"Driver": "nvidia", "DeviceIDs": ["GPU-1111"], "Capabilities": [["gpu"]]}]
-    assert "MODEL_PATH=/models" in p["Env"] and p["User"] == "65534:65534" and p["Tty"] is False
+    assert "MODEL_PATH=/models" in p["Env"] and p["User"] == WORKER and p["Tty"] is False
 
 
 def test_static_gpu_attaches_no_device_but_same_env() -> None:

@@ -28,6 +28,7 @@ from gpud.work.sessions.manager import SessionManager
 from gpud.work.sessions.record import Session, SessionState
 from gpud.work.sessions.taskrun import CANCEL_GRACE_SECONDS
 from gpud.work.task import Task, TaskStatus
+from gpud.work.uids import WorkerIds
 from gpud.worker.install import install_sdk
 from tests.waiting import wait_until
 
@@ -85,7 +86,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         command=("python3", str(tmp_path / "stream_text.py")),
         limits=Limits(),
         mode="session",
-        user="root",  # the process runtime would otherwise drop to 65534, which cannot read pytest's tmp dir
+        user="root",  # the process runtime would otherwise drop to the worker's uid, which cannot read pytest's tmp dir
     )
     environ = {
         "SESSION_IDLE_TIMEOUT_SECONDS": str(IDLE),
@@ -98,7 +99,8 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     runtime = ProcessRuntime()
     store = ModelStore(models, file_service_url=None, internal_key=None, auto_fetch=False)
     (tmp_path / "sockets").mkdir()
-    manager = SessionManager(runtime, store, scheduler, config, tmp_path / "sockets", tmp_path / "sdk", clock)
+    ids = WorkerIds(*config.settings.worker_uid_range)
+    manager = SessionManager(runtime, store, scheduler, config, tmp_path / "sockets", tmp_path / "sdk", clock, ids=ids)
     harness = Harness(clock, manager, scheduler, preset)
     try:
         yield harness

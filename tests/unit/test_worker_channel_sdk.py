@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from gpud.worker.protocol import ENV_SOCKET, MAX_MESSAGE_SIZE
 REPO = Path(__file__).resolve().parents[2]
 STREAM_TEXT = REPO / "examples" / "workers" / "stream_text.py"
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon"]
+WORKER_UID = 2_000_065_534  # a worker uid as gpud's WorkerIds would give one
 
 
 @pytest.fixture
@@ -49,8 +53,13 @@ class Worker:
         self.proc = proc
 
 
+def own_channel(socket_dir: Path, **kwargs: Any) -> WorkerChannel:
+    """A channel whose worker runs as this test's own user (the worker subprocesses here are not switched)."""
+    return WorkerChannel(socket_dir, uid=os.geteuid(), gid=os.getegid(), **kwargs)
+
+
 async def spawn(tmp_path: Path, sdk_dir: Path, model_dir: Path | None, script: Path = STREAM_TEXT) -> Worker:
-    channel = WorkerChannel(tmp_path / "sock")
+    channel = own_channel(tmp_path / "sock")
     await channel.start()
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -206,10 +215,30 @@ async def test_second_task_while_busy_is_refused(worker: Worker) -> None:
 class RawWorker:
     """A hand-written worker on a raw socket, to send what the SDK never would."""
 
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
+    def __init__(self, path: Path, sock: socket.socket | None = None) -> None:
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(path))
+        self.sock = sock
         self.sock.setblocking(False)
+
+    @classmethod
+    def as_uid(cls, uid: int, path: Path) -> RawWorker:
+        """Connected from a child running as uid:uid (SO_PEERCRED records the connecting process), handed back."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        code = (
+            "import os, socket\n"
+            f"os.setgroups([]); os.setgid({uid}); os.setuid({uid})\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            f"s.connect({str(path)!r})\n"
+            f"socket.send_fds(socket.socket(fileno={child.fileno()}), [b'x'], [s.fileno()])\n"
+        )
+        proc = subprocess.run([sys.executable, "-S", "-c", code], pass_fds=[child.fileno()], timeout=30, check=False)
+        child.close()
+        assert proc.returncode == 0
+        _, fds, _, _ = socket.recv_fds(parent, 1, 1)
+        parent.close()
+        return cls(path, socket.socket(fileno=fds[0]))
 
     async def send(self, data: bytes) -> None:
         await asyncio.get_running_loop().sock_sendall(self.sock, data)
@@ -222,7 +251,7 @@ class RawWorker:
 
 
 async def test_malformed_and_oversized_messages_are_skipped(tmp_path: Path) -> None:
-    channel = WorkerChannel(tmp_path / "sock", max_message=1024)
+    channel = own_channel(tmp_path / "sock", max_message=1024)
     await channel.start()
     raw = RawWorker(channel.socket_path)
     try:
@@ -252,19 +281,77 @@ async def test_malformed_and_oversized_messages_are_skipped(tmp_path: Path) -> N
     assert not channel.socket_path.exists()
 
 
-async def test_socket_is_connectable_by_others(tmp_path: Path) -> None:
-    channel = WorkerChannel(tmp_path / "sock")
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A world-traversable directory (pytest's tmp dirs are root's 0700), so only the modes under test decide."""
+    base = Path(tempfile.mkdtemp(prefix="gpud-chan-", dir="/var/tmp"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+async def connect_as(uid: int, path: Path) -> str:
+    """connect() to `path` from a child process running as uid:uid with no groups; what happened, as a word."""
+    code = (
+        "import os, socket, sys\n"
+        f"os.setgroups([]); os.setgid({uid}); os.setuid({uid})\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        f"    s.connect({str(path)!r})\n"
+        "except OSError as e:\n"
+        "    print(type(e).__name__); sys.exit()\n"
+        "print('closed' if s.recv(1) == b'' else 'open')\n"
+    )
+    # In a thread: the channel under test lives on this event loop and must answer meanwhile.
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=30)
+    done = await asyncio.to_thread(run, [sys.executable, "-S", "-c", code])
+    return done.stdout.strip() or done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing the socket to another uid needs root")
+async def test_socket_and_directory_belong_to_the_worker_uid_alone(open_base: Path) -> None:
+    channel = WorkerChannel(open_base / "sock", uid=WORKER_UID, gid=WORKER_UID)
     await channel.start()
     try:
-        assert channel.socket_path.stat().st_mode & 0o777 == 0o666
-        assert channel.socket_dir.stat().st_mode & 0o777 == 0o711
+        for path, mode in ((channel.socket_path, 0o600), (channel.socket_dir, 0o700)):
+            info = path.stat()
+            assert (info.st_mode & 0o777, info.st_uid, info.st_gid) == (mode, WORKER_UID, WORKER_UID)
         assert MAX_MESSAGE_SIZE >= 1024 * 1024
+        # Another unprivileged uid cannot even reach it; root can, but is not the worker: refused.
+        assert await connect_as(65534, channel.socket_path) == "PermissionError"
+        assert await connect_as(0, channel.socket_path) == "closed"
+        assert channel.refused_peers == 1
+    finally:
+        await channel.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="connecting as other uids needs root")
+async def test_a_wrong_peer_is_refused_and_the_real_worker_still_gets_the_slot(open_base: Path) -> None:
+    channel = WorkerChannel(open_base / "sock", uid=WORKER_UID, gid=WORKER_UID)
+    await channel.start()
+    # Open the modes up, as a mistaken operator might: SO_PEERCRED must still tell the worker from the rest.
+    channel.socket_dir.chmod(0o777)
+    channel.socket_path.chmod(0o666)
+    try:
+        assert [await connect_as(uid, channel.socket_path) for uid in (65534, 0, WORKER_UID + 1)] == ["closed"] * 3
+        assert channel.refused_peers == 3
+        worker = await asyncio.to_thread(RawWorker.as_uid, WORKER_UID, channel.socket_path)
+        await worker.send(b'{"type":"hello","protocol":1,"pid":1}\n{"type":"ready","info":{}}\n')
+        await channel.wait_ready(5)
+        assert await connect_as(WORKER_UID, channel.socket_path) == "closed"  # the same uid, but the slot is taken
+        assert channel.refused_peers == 3  # that one is the one-worker rule, not a wrong peer
+        events = channel.run_task("t", {})
+        first = asyncio.ensure_future(anext(events))
+        assert (await worker.recv_message())["type"] == "task"
+        await worker.send(b'{"type":"done","task_id":"t","status":"completed"}\n')
+        assert (await first).type == "done"
+        worker.sock.close()
     finally:
         await channel.close()
 
 
 async def test_version_mismatch_fails_ready(tmp_path: Path) -> None:
-    channel = WorkerChannel(tmp_path / "sock")
+    channel = own_channel(tmp_path / "sock")
     await channel.start()
     raw = RawWorker(channel.socket_path)
     try:
@@ -291,28 +378,40 @@ async def run_script(script: Path, env: dict[str, str]) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_oneoff_example_reads_env_or_file_and_exits_as_asked(tmp_path: Path) -> None:
+def input_file(tmp_path: Path, value: dict[str, Any], name: str = "input.json") -> str:
+    """A task input file as gpud writes it (read-only to its owner), for GPUD_TASK_INPUT_FILE."""
+    path = tmp_path / name
+    path.write_text(json.dumps(value))
+    path.chmod(0o400)
+    return str(path)
+
+
+async def test_oneoff_example_reads_only_the_input_file_and_exits_as_asked(tmp_path: Path) -> None:
     script = REPO / "examples" / "workers" / "oneoff.py"
-    code, out, err = await run_script(script, {"GPUD_TASK_INPUT": json.dumps({"prompt": "a b c"})})
+    code, out, err = await run_script(script, {"GPUD_TASK_INPUT_FILE": input_file(tmp_path, {"prompt": "a b c"})})
     assert (code, out) == (0, "a\nb\nc\n")
     assert "oneoff:" in err
-    input_file = tmp_path / "input.json"
-    input_file.write_text(json.dumps({"max_tokens": 2, "exit_code": 7}))
-    env = {"GPUD_TASK_INPUT_FILE": str(input_file), "GPUD_TASK_INPUT": '{"exit_code": 0}'}
+    env = {
+        "GPUD_TASK_INPUT_FILE": input_file(tmp_path, {"max_tokens": 2, "exit_code": 7}, "second.json"),
+        "GPUD_TASK_INPUT": '{"exit_code": 0}',  # gpud no longer sets it; a stray one is ignored
+    }
     code, out, _ = await run_script(script, env)
-    assert (code, out) == (7, "token-0\ntoken-1\n")  # the file wins over the environment
+    assert (code, out) == (7, "token-0\ntoken-1\n")
+    code, out, _ = await run_script(script, {"GPUD_TASK_INPUT": json.dumps({"prompt": "from env"})})
+    assert (code, out) == (0, "token-0\ntoken-1\ntoken-2\ntoken-3\ntoken-4\n")  # the environment is not read
 
 
 async def test_sdk_oneoff_mode_without_socket(tmp_path: Path, sdk_dir: Path, model_dir: Path) -> None:
     env = {
         "PYTHONPATH": str(sdk_dir),
         "MODEL_PATH": str(model_dir),
-        "GPUD_TASK_INPUT": json.dumps({"max_tokens": 3, "delay": 0}),
+        "GPUD_TASK_INPUT_FILE": input_file(tmp_path, {"max_tokens": 3, "delay": 0}),
     }
     code, out, err = await run_script(STREAM_TEXT, env)
     assert (code, out) == (0, "alpha beta gamma\n")
     assert "max_tokens=3" in err and '"load_count": 1' in err
-    code, out, err = await run_script(STREAM_TEXT, {**env, "GPUD_TASK_INPUT": '{"fail": true, "delay": 0}'})
+    failing = input_file(tmp_path, {"fail": True, "delay": 0}, "fail.json")
+    code, out, err = await run_script(STREAM_TEXT, {**env, "GPUD_TASK_INPUT_FILE": failing})
     assert code == 1 and "metadata.fail" in err
 
 

@@ -48,10 +48,17 @@ def parse_options(query: dict[str, str]) -> LogOptions:
 
 
 def encode(lines: Iterable[LogLine], ndjson: bool) -> bytes:
-    """Lines as one chunk: the bare line, or {"stream", "line"} per line."""
+    """Lines as one chunk: the bare line, or {"stream", "line"} per line (with "partial": true on each piece of an
+    over-long line but its last; in text, such pieces are written without a newline, so the line stays whole)."""
     if ndjson:
-        return b"".join(json.dumps({"stream": ln.stream.value, "line": ln.line}).encode() + b"\n" for ln in lines)
-    return b"".join(ln.line.encode("utf-8", errors="replace") + b"\n" for ln in lines)
+        return b"".join(
+            json.dumps(
+                {"stream": ln.stream.value, "line": ln.line, **({"partial": True} if ln.partial else {})}
+            ).encode()
+            + b"\n"
+            for ln in lines
+        )
+    return b"".join(ln.line.encode("utf-8", errors="replace") + (b"" if ln.partial else b"\n") for ln in lines)
 
 
 async def session_logs(request: web.Request) -> web.StreamResponse:

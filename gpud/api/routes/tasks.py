@@ -16,7 +16,13 @@ async def submit(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     task_request = parse_task_request(body, settings.default_task_timeout, settings.max_task_timeout)
     task = await request.app[keys.TASKS].submit(task_request)
-    return await stream_task_events(request, task.log, heartbeat=settings.sse_heartbeat_seconds, after_id=0)
+    return await stream_task_events(
+        request,
+        task.log,
+        heartbeat=settings.sse_heartbeat_seconds,
+        after_id=0,
+        send_timeout=settings.sse_send_timeout_seconds,
+    )
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -35,8 +41,14 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     """GET /api/tasks/{task_id}/events: replay after Last-Event-ID, then live (also after the task ended)."""
     task = request.app[keys.TASKS].registry.get(request.match_info["task_id"])
     after_id = last_event_id(request)
-    heartbeat = request.app[keys.CONFIG].settings.sse_heartbeat_seconds
-    return await stream_task_events(request, task.log, heartbeat=heartbeat, after_id=after_id)
+    settings = request.app[keys.CONFIG].settings
+    return await stream_task_events(
+        request,
+        task.log,
+        heartbeat=settings.sse_heartbeat_seconds,
+        after_id=after_id,
+        send_timeout=settings.sse_send_timeout_seconds,
+    )
 
 
 async def cancel_task(request: web.Request) -> web.Response:

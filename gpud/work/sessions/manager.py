@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gpud.clock import Clock, SystemClock
@@ -19,6 +20,8 @@ from gpud.work.sessions.record import Session, SessionRegistry, SessionState
 from gpud.work.sessions.taskrun import RunOutcome, TaskRun, stop_error
 from gpud.work.sessions.worker import SessionWorker, WorkerCrashed
 from gpud.work.task import Task, TaskError, TaskStatus, cancel_error
+from gpud.work.textcap import LongLines
+from gpud.work.uids import WorkerIds, WorkerUser
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ class SessionManager:
         socket_root: Path,
         sdk_dir: Path,
         clock: Clock | None = None,
+        *,
+        ids: WorkerIds,
     ) -> None:
         self._runtime = runtime
         self._store = store
@@ -47,11 +52,16 @@ class SessionManager:
         self._lives: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._workers: dict[str, SessionWorker] = {}
+        self._ids = ids
+        self._users: dict[str, WorkerUser] = {}  # session id -> the host user its workers run as
 
     # --- entry points ---------------------------------------------------------------------------------
 
     def open(self, task: Task, lease: Lease) -> Session:
-        """Start a new session for `task` on the leased GPU; the task runs first once the worker is ready."""
+        """Start a new session for `task` on the leased GPU; the task runs first once the worker is ready.
+        Raises WorkerIdsExhausted (503), before anything is registered, when no worker uid is free."""
+        # One uid for the session's life (a restarted worker keeps it), given back at teardown.
+        self._users[lease.holder] = self._ids.for_preset(task.preset.user, lease.holder)
         session = Session(
             id=lease.holder, preset=task.preset, difficulty=task.request.difficulty, lease=lease, clock=self._clock
         )
@@ -155,6 +165,7 @@ class SessionManager:
             model_dir,
             self._socket_root / session.id[:16],
             self._sdk_dir,
+            self._users[session.id],
         )
         self._workers[session.id] = worker
 
@@ -199,30 +210,37 @@ class SessionManager:
                 raise await worker.crash("worker exited while idle")
 
     async def _run(self, session: Session, worker: SessionWorker, task: Task) -> SessionWorker:
-        """Run one task on the worker; returns the worker to use next (a new one after a restart)."""
+        """Run one task on the worker; returns the worker to use next (a new one after a restart).
+
+        `session.current` stays set until the task is final: whatever escapes from here (an unexpected error, a
+        crash, a cancellation), the teardown still finds the running task and finishes it."""
         session.current = task
-        session.move(SessionState.WORKING)
-        session.announce_positions()
-        task.mark_running()
-        task.emit(EventType.WORKER, status="working", container_id=session.container_id, session_id=session.id)
-        worker.on_output = _output_to(task)
         try:
-            outcome = await TaskRun(session, worker, task, self._wakeups[session.id], self._clock).run()
+            session.move(SessionState.WORKING)
+            session.announce_positions()
+            task.mark_running()
+            task.emit(EventType.WORKER, status="working", container_id=session.container_id, session_id=session.id)
+            worker.on_output = _output_to(task)
+            try:
+                outcome = await TaskRun(session, worker, task, self._wakeups[session.id], self._clock).run()
+            finally:
+                worker.on_output = None
+                session.tasks_run += 1
+                session.touch()
+            if outcome is RunOutcome.CRASHED:
+                raise await worker.crash("worker crashed while running a task")
+        except WorkerCrashed as crash:
+            crash.task = crash.task or task
+            raise
         except Exception as exc:
             # Whatever went wrong, the running task must end with the session, not wait out its timeout.
             logger.exception("session %s: task %s failed unexpectedly", session.id, task.id)
             raise WorkerCrashed(f"internal error: {exc}", None, [], code="internal_error", task=task) from exc
-        finally:
-            worker.on_output = None
-            session.current = None
-            session.tasks_run += 1
-            session.touch()
+        if not task.final:  # every other outcome has finished the task; one that did not must not leave it hanging
+            task.finish(TaskStatus.FAILED, error=TaskError("internal_error", "the task ended without an outcome"))
+        session.current = None
         if outcome is RunOutcome.RESTART:
             return await self._restart(session, worker, task)
-        if outcome is RunOutcome.CRASHED:
-            crash = await worker.crash("worker crashed while running a task")
-            crash.task = task
-            raise crash
         if outcome is RunOutcome.OK:
             session.move(SessionState.READY)
         return worker
@@ -242,27 +260,42 @@ class SessionManager:
     # --- endings ---------------------------------------------------------------------------------------
 
     async def _teardown(self, session: Session, worker: SessionWorker | None, crash: WorkerCrashed | None) -> None:
-        """Stop the container and release model and GPU first, then finish the session's tasks."""
-        if crash is None and session.state is not SessionState.STOPPING and not session.is_over:
-            session.move(SessionState.STOPPING)
-        # The latest worker may differ from the one the loop held (a restart that failed half way): stop both.
-        latest = self._workers.pop(session.id, None)
-        for each in {w for w in (worker, latest) if w is not None}:
-            await each.stop()
-        self._store.release(session.preset.model_id, session.id)
-        self._scheduler.release(session.lease)
+        """Stop the container and release model and GPU first, then finish the session's tasks. Each step runs
+        even if one before it fails (or the teardown is cancelled): the tasks always end, the GPU always returns."""
+        removed = False  # until the containers are known to be gone, the worker's uid stays reserved
+        try:
+            if crash is None and session.state is not SessionState.STOPPING and not session.is_over:
+                with _logged(f"session {session.id}: marking it stopping"):
+                    session.move(SessionState.STOPPING)
+            # The latest worker may differ from the one the loop held (a restart that failed half way): stop both.
+            latest = self._workers.pop(session.id, None)
+            removed = True
+            for each in {w for w in (worker, latest) if w is not None}:
+                removed &= await each.stop()
+        finally:
+            with _logged(f"session {session.id}: releasing its model"):
+                self._store.release(session.preset.model_id, session.id)
+            with _logged(f"session {session.id}: releasing its GPU"):
+                self._scheduler.release(session.lease)
+            with _logged(f"session {session.id}: releasing its worker uid"):
+                self._release_user(session.id, removed)
+            with _logged(f"session {session.id}: ending its tasks"):
+                self._end_tasks(session, crash)
+            self._lives.pop(session.id, None)
+            self._wakeups.pop(session.id, None)
+
+    def _end_tasks(self, session: Session, crash: WorkerCrashed | None) -> None:
         if crash is not None:
             self._fail(session, crash)
-        else:
-            reason = session.stop_reason or "stopped"
-            session.end_reason = reason
-            for task in [session.current, *session.queue]:
-                if task is not None:
-                    task.finish(TaskStatus.CANCELLED, error=stop_error(reason))
-            session.queue.clear()
+            return
+        reason = session.stop_reason or "stopped"
+        session.end_reason = reason
+        for task in [session.current, *session.queue]:
+            if task is not None:
+                task.finish(TaskStatus.CANCELLED, error=stop_error(reason))
+        session.queue.clear()
+        if not session.is_over:
             session.move(SessionState.STOPPED)
-        self._lives.pop(session.id, None)
-        self._wakeups.pop(session.id, None)
 
     def _fail(self, session: Session, crash: WorkerCrashed) -> None:
         message = crash.describe()
@@ -277,6 +310,17 @@ class SessionManager:
             session.move(SessionState.FAILED)
 
     # --- helpers ---------------------------------------------------------------------------------------
+
+    def _release_user(self, session_id: str, removed: bool) -> None:
+        user = self._users.pop(session_id, None)
+        if user is None:
+            return
+        if removed:
+            self._ids.release(user)
+        else:  # a worker that may still run keeps its uid: the next holder must not share it
+            logger.warning(
+                "session %s: uid %d stays reserved (its container could not be removed)", session_id, user.uid
+            )
 
     def _wake(self, session: Session) -> None:
         wake = self._wakeups.get(session.id)
@@ -295,11 +339,24 @@ class SessionManager:
         task.cancel_hook = cancel
 
 
+@contextlib.contextmanager
+def _logged(step: str) -> Iterator[None]:
+    """Run one teardown step; a failure is logged, not raised, so the steps after it still run."""
+    try:
+        yield
+    except Exception:
+        logger.exception("%s failed", step)
+
+
 def _output_to(task: Task) -> Callable[[LogLine], None]:
     """Container output (outside the protocol) goes to the running task as `logs` events."""
 
+    long_lines = LongLines()  # an over-long line arrives in pieces: one cut log line for all of them
+
     def forward(line: LogLine) -> None:
         stream = "stdout" if line.stream is Stream.STDOUT else "stderr"
-        task.emit(EventType.LOGS, stream=stream, line=line.line)
+        whole = long_lines.feed(stream, line.line, line.partial)
+        if whole is not None:
+            task.log.append_line(stream, *whole)
 
     return forward

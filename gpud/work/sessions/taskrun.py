@@ -6,17 +6,27 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
+import re
 from typing import Any
 
 from gpud.clock import Clock
 from gpud.work.events import EventType
-from gpud.work.launch import timeout_error
+from gpud.work.launch import TAIL_LINE_CHARS, timeout_error
 from gpud.work.sessions.record import Session
 from gpud.work.sessions.worker import SessionWorker
 from gpud.work.task import Task, TaskError, TaskStatus, cancel_error
 from gpud.worker.channel import WorkerError
 
 logger = logging.getLogger(__name__)
+
+# Caps on what a worker's progress and error messages carry into a task (and gpud's log).
+PROGRESS_MESSAGE_CHARS = 200
+ERROR_CODE_CHARS = 64
+ERROR_MESSAGE_CHARS = 4096
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_TERMINAL_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 # How long a worker has to stop a cancelled (or timed-out) task before the session is restarted.
 CANCEL_GRACE_SECONDS = 5.0
@@ -88,21 +98,24 @@ class TaskRun:
         return self._finish_from(consumer)
 
     async def _consume(self) -> dict[str, Any]:
-        """Stream the worker's events for the task into its log; return the `done` message."""
+        """Stream the worker's events for the task into its log; return the `done` message.
+
+        Worker data is untrusted: strings arrive cleaned by the protocol decoder, and here each message keeps only
+        the fields it should have, of the types they should be (the event log then bounds the sizes)."""
         task, worker = self._task, self._worker
         error: dict[str, Any] | None = None
         async for event in worker.channel.run_task(task.id, dict(task.request.metadata)):
             data = event.data
             if event.type == "text_delta":
-                task.emit(EventType.TEXT_DELTA, delta=str(data.get("delta", "")))
+                task.emit(EventType.TEXT_DELTA, delta=_text(data.get("delta")))
             elif event.type == "text":
-                task.output = [str(data.get("text", ""))]
+                task.set_text(_text(data.get("text")))
             elif event.type == "log":
-                line = str(data.get("line", ""))
-                worker.tail.append(line)  # quoted if the worker crashes, like its container output
-                task.emit(EventType.LOGS, stream=str(data.get("stream", "worker")), line=line)
+                line = _text(data.get("line"))
+                worker.tail.append(line[:TAIL_LINE_CHARS])  # quoted if the worker crashes, like its container output
+                task.emit(EventType.LOGS, stream=_name(data.get("stream"), "worker"), line=line)
             elif event.type == "progress":
-                task.emit(EventType.PROGRESS, **{k: v for k, v in data.items() if k != "task_id"})
+                task.emit(EventType.PROGRESS, **progress_fields(data))
             elif event.type == "result":
                 task.result = {k: v for k, v in data.items() if k != "task_id"}
             elif event.type == "error":
@@ -118,7 +131,7 @@ class TaskRun:
         done = consumer.result()  # raises what the consumer raised, for the session to handle
         # The worker is idle again, model loaded: the original design's WAITING.
         task.emit(EventType.WORKER, status="waiting", container_id=session.container_id, session_id=session.id)
-        status = str(done.get("status", "completed"))
+        status = done.get("status", "completed")
         error = done.get("error") or {}
         if task.cancel_reason and status == "cancelled":
             finish_cancelled(task, stuck=False)
@@ -127,8 +140,7 @@ class TaskRun:
         elif status == "cancelled":
             task.finish(TaskStatus.CANCELLED, error=TaskError("cancelled", "the worker cancelled the task"))
         else:
-            message = str(error.get("message") or "the worker reported a failure")
-            task.finish(TaskStatus.FAILED, error=TaskError(str(error.get("code") or "task_failed"), message))
+            task.finish(TaskStatus.FAILED, error=worker_error(error))
         return RunOutcome.OK
 
 
@@ -147,3 +159,55 @@ def stop_error(reason: str) -> TaskError:
     """The error of a task ended because its session stopped for `reason`."""
     code = reason if reason.startswith("session") else f"session_{reason}"
     return TaskError(code, STOP_REASONS.get(reason, reason))
+
+
+def _text(value: object) -> str:
+    """A worker's text field: strings as they are, nothing for null, other JSON as its text."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else str(value)
+
+
+def _name(value: object, default: str) -> str:
+    """A short name (a log stream): letters, digits and `._-`, at most 32 characters."""
+    text = _UNSAFE_NAME.sub("_", value[:32]) if isinstance(value, str) else ""
+    return text or default
+
+
+def progress_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """A progress message reduced to what a client may rely on: finite, non-negative `done` and `total` (or
+    null), and an optional short `message`; anything else a worker sends is dropped."""
+    fields: dict[str, Any] = {}
+    for key in ("done", "total"):
+        fields[key] = _count(data.get(key))
+    message = data.get("message")
+    if isinstance(message, str) and message:
+        fields["message"] = _one_line(message)[:PROGRESS_MESSAGE_CHARS]
+    return fields
+
+
+def _count(value: object) -> float | int | None:
+    """A finite, non-negative number, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return value if math.isfinite(number) and number >= 0 else None
+
+
+def worker_error(error: dict[str, Any]) -> TaskError:
+    """The task error a worker's `error` message gives: a code of safe characters and a capped message."""
+    code = error.get("code")
+    code = _UNSAFE_NAME.sub("_", code[:ERROR_CODE_CHARS]) if isinstance(code, str) else ""
+    # Newlines and tabs stay (a message may be a few lines); other control characters, which could drive a
+    # terminal showing it, become spaces. gpud's log formatter escapes the newlines where it quotes the message.
+    message = _TERMINAL_CONTROL.sub(" ", _text(error.get("message"))) or "the worker reported a failure"
+    if len(message) > ERROR_MESSAGE_CHARS:
+        message = message[:ERROR_MESSAGE_CHARS] + f"… [{len(message) - ERROR_MESSAGE_CHARS} more characters cut]"
+    return TaskError(code or "task_failed", message)
+
+
+def _one_line(text: str) -> str:
+    return _CONTROL.sub(" ", text)

@@ -16,6 +16,7 @@ from gpud.runtime.spec import build_spec
 from gpud.settings.presets import Preset
 from gpud.work.launch import STOP_GRACE_SECONDS, gpu_device, log_tail, quote_tail
 from gpud.work.task import Task
+from gpud.work.uids import WorkerUser
 from gpud.worker import session_worker_env
 from gpud.worker.channel import ReadyInfo, WorkerChannel, WorkerError
 from gpud.worker.protocol import CONTAINER_SDK_DIR, CONTAINER_SOCKET_DIR
@@ -61,6 +62,7 @@ class SessionWorker:
         model_dir: Path,
         socket_dir: Path,
         sdk_dir: Path,
+        user: WorkerUser,
     ) -> None:
         self._runtime = runtime
         self._preset = preset
@@ -70,7 +72,9 @@ class SessionWorker:
         self._model_dir = model_dir
         self._socket_dir = socket_dir
         self._sdk_dir = sdk_dir
-        self.channel = WorkerChannel(socket_dir)
+        self._user = user
+        # Only the worker's uid may enter the socket's directory and connect (the channel checks SO_PEERCRED).
+        self.channel = WorkerChannel(socket_dir, uid=user.uid, gid=user.gid)
         self.container_id: str | None = None
         self.ready: ReadyInfo | None = None
         self.tail = log_tail()
@@ -84,6 +88,7 @@ class SessionWorker:
         await self.channel.start()
         spec = build_spec(
             self._preset,
+            user=self._user.spec,
             task_id=self._first_task_id,
             session_id=self._session_id,
             gpu=gpu_device(self._lease),
@@ -138,13 +143,16 @@ class SessionWorker:
         if not self.exited.done():
             self.exited.set_result(status)
 
-    async def stop(self) -> None:
-        """Ask the worker to exit, then stop and remove its container; never raises."""
+    async def stop(self) -> bool:
+        """Ask the worker to exit, then stop and remove its container; never raises. False when the container
+        may still exist (its uid must then stay reserved)."""
+        removed = True
         await self.channel.shutdown()
         if self.container_id is not None:
             try:
                 await asyncio.shield(self._stop_container(self.container_id))
             except Exception:
+                removed = False
                 logger.exception("could not remove session %s container %s", self._session_id, self.container_id)
         for task in self._background:
             task.cancel()
@@ -154,6 +162,7 @@ class SessionWorker:
             shutil.rmtree(self._socket_dir)
         if not self.exited.done():
             self.exited.cancel()
+        return removed
 
     async def _stop_container(self, container_id: str) -> None:
         with contextlib.suppress(TimeoutError):
