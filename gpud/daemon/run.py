@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import signal
 import socket
@@ -16,7 +17,8 @@ from gpud.api.connections import ConnectionGuard, ConnectionLimits
 from gpud.api.listener import serve
 from gpud.api.logthrottle import BadRequestFilter, LogThrottle
 from gpud.api.peercred import PeerPolicy
-from gpud.daemon.listeners import UnixListener, bind_admin_socket, bind_tcp
+from gpud.daemon.examples import seed_demo_model
+from gpud.daemon.listeners import UnixListener, bind_admin_socket, bind_tcp, passed_socket_group
 from gpud.daemon.reload import LoadRequest, Reloader, status_line
 from gpud.daemon.resources import LoopErrors, fit_caps, raise_fd_limit
 from gpud.daemon.services import create_services
@@ -52,6 +54,8 @@ class Daemon:
 
     async def _run(self) -> int:
         services = create_services(self._settings)
+        if self._request.dev:  # --dev fetches nothing: the demo presets' model must be in the cache
+            await asyncio.to_thread(seed_demo_model, self._settings.model_cache_dir)
         reloader = Reloader(self._request, services, self._notifier)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(services.close)
@@ -76,10 +80,13 @@ class Daemon:
         activated = listen_sockets()
         admin_sock = activated.get("admin") or _first_unix(activated)
         listener: UnixListener | None = None
+        policy = PeerPolicy(settings.admin_socket_group)
         if admin_sock is None:
             listener = bind_admin_socket(settings.admin_socket, settings.admin_socket_group)
             stack.callback(listener.remove_file)
             admin_sock = listener.sock
+        elif policy.gid is None:
+            policy = _passed_socket_policy(admin_sock)
         tcp_sock = activated.get("http") or _first_tcp(activated)
         if tcp_sock is None:
             tcp_sock = bind_tcp(*settings.http_listen)
@@ -91,7 +98,7 @@ class Daemon:
         stack.callback(logging.getLogger("aiohttp.server").removeFilter, bad_requests)
         for name, app, sock, cap in (
             ("public", make_public_app(services), tcp_sock, caps.public),
-            ("admin", make_admin_app(services, PeerPolicy(settings.admin_socket_group)), admin_sock, caps.admin),
+            ("admin", make_admin_app(services, policy), admin_sock, caps.admin),
         ):
             limits = ConnectionLimits(cap, settings.header_timeout_seconds, settings.http_idle_timeout_seconds)
             await serve(app, sock, ConnectionGuard(name, limits, services.metrics, throttle), stack, throttle)
@@ -129,6 +136,21 @@ async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _passed_socket_policy(sock: socket.socket) -> PeerPolicy:
+    """Admit the group that owns the socket systemd passed (its SocketGroup=), as the file's mode already does."""
+    gid = passed_socket_group(sock)
+    if gid is not None:
+        logger.info("admin socket passed by systemd: admitting members of its group %s", _group_name(gid))
+    return PeerPolicy(gid=gid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return f"{grp.getgrgid(gid).gr_name} ({gid})"
+    except KeyError:
+        return str(gid)
 
 
 def _first_unix(sockets: Mapping[str, socket.socket]) -> socket.socket | None:

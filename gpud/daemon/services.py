@@ -10,6 +10,7 @@ from typing import Any
 
 from gpud.api.app import AppServices
 from gpud.api.keys import ProcessStart, ReloadFunction
+from gpud.daemon.examples import prepare_process_host, process_image_dirs
 from gpud.daemon.state_metrics import StateCollector
 from gpud.gpu.inventory import GpuInventory, open_inventory
 from gpud.gpu.scheduler import Scheduler
@@ -18,9 +19,14 @@ from gpud.modelstore import ModelStore
 from gpud.modelstore.config import archive_limits, fetch_pace
 from gpud.runtime import make_runtime
 from gpud.runtime.base import ContainerRuntime
+from gpud.runtime.instance import InstanceRuntime
 from gpud.settings import LiveConfig, Settings
 from gpud.settings.presets import load_presets
+from gpud.state import instance_id
+from gpud.work.journal import Journal
 from gpud.work.oneoff import OneOffRunner
+from gpud.work.removals import PendingRemovals
+from gpud.work.restore import Restorer
 from gpud.work.service import TaskService
 from gpud.work.sessions.manager import SessionManager
 from gpud.work.uids import WorkerIds
@@ -39,6 +45,8 @@ class Services:
     models: ModelStore
     sessions: SessionManager
     tasks: TaskService
+    journal: Journal
+    restorer: Restorer
     started: ProcessStart = field(default_factory=lambda: ProcessStart(time.time(), time.monotonic()))
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -63,13 +71,21 @@ class Services:
         )
 
     async def start(self) -> None:
-        """Prepare directories, install the worker SDK, clean the model cache's leftovers, start background loops."""
+        """Prepare directories, install the worker SDK, open the records, clean the model cache's leftovers,
+        reconcile with what survived the last exit (before anything is leased), start background loops."""
         await asyncio.get_running_loop().run_in_executor(None, _prepare_state_dir, self.settings.state_dir)
+        await asyncio.get_running_loop().run_in_executor(None, self.journal.open, self.settings.state_dir)
+        if self.settings.runtime == "process":  # the example workers, where the packaged presets find them
+            await asyncio.to_thread(prepare_process_host, self.settings.state_dir, self.settings.model_cache_dir)
         await self.models.start()
+        self.restorer.load()
+        reconciled = await self.restorer.first_try()
         self.background = [
             asyncio.create_task(self.inventory.refresh_forever(lambda: self.settings.gpu_metrics_refresh_interval)),
             asyncio.create_task(self.tasks.janitor()),
         ]
+        if not reconciled:
+            self.background.append(asyncio.create_task(self.restorer.reconcile_until_done()))
 
     def apply_settings(self, changed: list[str]) -> None:
         """Make reloaded settings take effect in the services that copied them at start."""
@@ -94,6 +110,7 @@ class Services:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         await self.tasks.shutdown()
+        self.journal.close()  # after the shutdown above has recorded how everything ended
         await self.models.close()
         await self.runtime.close()
         self.inventory.close()
@@ -114,8 +131,15 @@ def create_services(settings: Settings, nvml: Any = None) -> Services:
     config = LiveConfig(settings, load_presets(settings.presets_file))
     inventory = open_inventory(settings.gpu_backend, settings.gpu_device_ids, settings.gpu_device_difficulty, nvml=nvml)
     scheduler = Scheduler(inventory)
-    options = {"allow_unisolated": settings.process_runtime_allow_unisolated} if settings.runtime == "process" else {}
-    runtime = make_runtime(settings.runtime, settings.runtime_socket, **options)
+    options: dict[str, Any] = {}
+    if settings.runtime == "process":
+        options = {
+            "allow_unisolated": settings.process_runtime_allow_unisolated,
+            "image_dirs": process_image_dirs(settings.state_dir),
+        }
+    # Every container carries this gpud's instance id, and only those are listed (so adopted or removed at start).
+    engine = make_runtime(settings.runtime, settings.runtime_socket, **options)
+    runtime = InstanceRuntime(engine, instance_id(settings.state_dir))
     models = ModelStore(
         settings.model_cache_dir,
         file_service_url=settings.file_service_url,
@@ -129,9 +153,23 @@ def create_services(settings: Settings, nvml: Any = None) -> Services:
     state = settings.state_dir
     # One allocator for both: a session and a one-off must never share a uid.
     ids = WorkerIds(*settings.worker_uid_range)
-    sessions = SessionManager(runtime, models, scheduler, config, state / "sessions", state / "sdk", ids=ids)
-    oneoff = OneOffRunner(runtime, models, scheduler, state / "tasks", ids)
+    journal = Journal(lambda: config.settings.record_retention_seconds)
+    # One list of containers the engine would not remove yet, retried by the task service's janitor.
+    removals = PendingRemovals(runtime)
+    sessions = SessionManager(
+        runtime,
+        models,
+        scheduler,
+        config,
+        state / "sessions",
+        state / "sdk",
+        ids=ids,
+        records=journal,
+        removals=removals,
+    )
+    oneoff = OneOffRunner(runtime, models, scheduler, state / "tasks", ids, removals)
     metrics = Metrics()
-    tasks = TaskService(config, runtime, models, scheduler, oneoff, sessions, metrics)
+    tasks = TaskService(config, runtime, models, scheduler, oneoff, sessions, metrics, journal, removals=removals)
     metrics.watch(StateCollector(inventory, scheduler, tasks.registry, sessions.registry))
-    return Services(config, inventory, scheduler, metrics, runtime, models, sessions, tasks)
+    restorer = Restorer(config, runtime, inventory, scheduler, models, ids, journal, tasks, oneoff, state)
+    return Services(config, inventory, scheduler, metrics, runtime, models, sessions, tasks, journal, restorer)

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from gpud.clock import Clock, SystemClock
-from gpud.errors import NotFound, Unavailable
+from gpud.errors import Conflict, NotFound, Unavailable
 from gpud.gpu.inventory import Gpu, GpuInventory
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class Scheduler:
         self._clock = clock or SystemClock()
         self._leases: dict[int, Lease] = {}
         self._drained: set[int] = set()
+        self._withheld: str | None = None  # why no new lease is granted now (see withhold())
 
     def acquire(self, difficulty: str, holder: str, kind: str) -> Lease:
         """Lease the lowest-numbered free, undrained GPU tagged `difficulty`, or raise Unavailable."""
@@ -46,7 +47,26 @@ class Scheduler:
         """Raise what acquire() would raise now, leasing nothing (work that must wait before it needs the GPU)."""
         self._free(difficulty)
 
+    def adopt(self, index: int, holder: str, kind: str) -> Lease:
+        """Lease a GPU to work found running on it after gpud's restart (drained or not); Conflict when it is
+        already leased: a GPU never has two holders, so the second container found on it must be stopped."""
+        gpu = self._require(index)
+        held = self._leases.get(index)
+        if held is not None:
+            raise Conflict(f"GPU {index} is already leased to {held.kind} {held.holder}", code="gpu_already_leased")
+        lease = Lease(gpu=gpu, holder=holder, kind=kind, acquired_at=self._clock.time())
+        self._leases[index] = lease
+        logger.info("GPU %d leased to %s %s (adopted after a restart)", index, kind, holder)
+        return lease
+
+    def withhold(self, reason: str | None) -> None:
+        """While `reason` is set no lease is granted (adopt() still works): gpud does not know yet which GPUs
+        the work that survived its restart holds. None grants leases again."""
+        self._withheld = reason
+
     def _free(self, difficulty: str) -> Gpu:
+        if self._withheld is not None:
+            raise Unavailable(self._withheld, code="gpus_not_reconciled", retry_after=RETRY_AFTER_SECONDS)
         fitting = [gpu for gpu in self._inventory.gpus if gpu.difficulty == difficulty]
         if not fitting:
             raise Unavailable(
@@ -92,6 +112,8 @@ class Scheduler:
         self._require(index)
         self._drained.discard(index)
 
-    def _require(self, index: int) -> None:
-        if self._inventory.get(index) is None:
+    def _require(self, index: int) -> Gpu:
+        gpu = self._inventory.get(index)
+        if gpu is None:
             raise NotFound(f"no GPU {index} on this host", code="gpu_not_found")
+        return gpu

@@ -13,7 +13,8 @@ Hardening (all on unless a field of ContainerSpec says otherwise; both engines a
   the preset names root or a numeric uid; ``ContainerSpec.user``'s own default (65534) is for specs built by hand.
 - the model directory mounted read-only at /models, with ``MODEL_PATH=/models``.
 - labels ``gpud.managed=true`` plus task/session/GPU/model/preset ids and the worker's uid: the source of truth
-  for finding gpud's containers (and the uids they hold) again after a restart.
+  for finding gpud's containers (and the uids they hold) again after a restart; ``gpud.instance`` names the gpud
+  that made it (added by gpud/runtime/instance.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ LABEL_GPU = "gpud.gpu_uuid"
 LABEL_MODEL = "gpud.model"
 LABEL_PRESET = "gpud.preset"
 LABEL_UID = "gpud.uid"
+# Which gpud made the container (gpud/runtime/instance.py): instances sharing an engine never touch each other's.
+LABEL_INSTANCE = "gpud.instance"
 
 ProgressCallback = Callable[[str], Awaitable[None] | None]
 
@@ -87,6 +90,9 @@ class Capability(enum.Enum):
     NON_ROOT_USER = "non_root_user"
     SURVIVES_RESTART = "survives_restart"  # containers outlive gpud and are found again by label
     IMAGES = "images"  # runs the spec's image (ensure_image checks and pulls it)
+    # A container's output is kept while the engine's API does not answer (conmon writes Podman's log file; dockerd
+    # itself is Docker's log reader, and what a container writes and exits with while dockerd is down is lost).
+    OUTPUT_KEPT_WHILE_AWAY = "output_kept_while_away"
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,7 @@ class DockerRuntime:
 
     name = "docker"
     isolated = True
-    capabilities = frozenset(Capability)
+    capabilities = frozenset(Capability) - {Capability.OUTPUT_KEPT_WHILE_AWAY}
 
     def __init__(self, socket: str | None = None) -> None:
         self.socket = socket or DEFAULT_SOCKET

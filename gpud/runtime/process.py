@@ -103,6 +103,8 @@ class _Proc:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
     reaper: asyncio.Task[None] | None = None
+    # Followers (logs with follow) and the absolute line each has read up to: lines one has not read are kept.
+    followers: dict[object, int] = field(default_factory=dict)
 
     def has_news(self, position: int) -> bool:
         """Whether a reader at absolute line `position` has something to read or the output has ended."""
@@ -114,6 +116,24 @@ class _Proc:
     def exit_code(self) -> int | None:
         code = self.proc.returncode
         return None if code is None else (128 - code if code < 0 else code)  # signal -> 128+N, as engines do
+
+
+def _trim(record: _Proc) -> bool:
+    """Drop the oldest lines while more are kept than the bounds allow, but none a follower has yet to read (and
+    never the last); True when still over the bounds because a follower has yet to read the oldest."""
+    floor = min(record.followers.values(), default=record.dropped + len(record.lines))
+    excess, kept = 0, len(record.lines)
+
+    def over() -> bool:
+        return kept - excess > _KEEP_LINES or record.kept_chars > _KEEP_CHARS
+
+    while excess < kept - 1 and record.dropped + excess < floor and over():
+        record.kept_chars -= len(record.lines[excess].line)
+        excess += 1
+    if excess > 0:
+        del record.lines[:excess]
+        record.dropped += excess
+    return over() and floor <= record.dropped
 
 
 class ProcessRuntime:
@@ -128,15 +148,18 @@ class ProcessRuntime:
         *,
         allow_unisolated: bool = False,
         unshare: tuple[str | None, str] | None = None,
+        image_dirs: Mapping[str, str] | None = None,
     ) -> None:
-        """`unshare`: a probe_unshare() result to use instead of probing (None: probe now)."""
+        """`unshare`: a probe_unshare() result to use instead of probing (None: probe now). `image_dirs`: host
+        directories standing in for the image's (e.g. /opt/gpud/examples), rewritten like mount targets."""
         del socket  # accepted so every runtime is built the same way; there is no engine
+        self._image_dirs = dict(image_dirs or {})
         self._procs: dict[str, _Proc] = {}
         self._is_root = os.geteuid() == 0
         self._unshare, self._no_unshare_reason = probe_unshare() if unshare is None else unshare
         self._allow_unisolated = allow_unisolated
         self._prlimit = shutil.which("prlimit")
-        caps: set[Capability] = set()
+        caps: set[Capability] = {Capability.OUTPUT_KEPT_WHILE_AWAY}  # there is no engine to go away
         if self._unshare:
             caps.add(Capability.NETWORK_NONE)
         if self._is_root:
@@ -206,7 +229,7 @@ class ProcessRuntime:
             switch = {"user": uid, "group": gid, "extra_groups": []}
         # Only bind mounts are rewritten: an argument under /tmp is a host path here (the worker's own scratch
         # space is TMPDIR), and rewriting it would break checkouts and files that live under the host's /tmp.
-        path_map = {m.target: m.source for m in spec.mounts}
+        path_map = {**self._image_dirs, **{m.target: m.source for m in spec.mounts}}
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self._argv(spec, path_map, uid, gid),
@@ -253,32 +276,41 @@ class ProcessRuntime:
         async with record.changed:
             record.lines.extend(lines)
             record.kept_chars += sum(len(line.line) for line in lines)
-            # Oldest lines go once too many, or too much text, are kept (a late reader misses them).
-            excess, kept = 0, len(record.lines)
-            while excess < kept - 1 and (kept - excess > _KEEP_LINES or record.kept_chars > _KEEP_CHARS):
-                record.kept_chars -= len(record.lines[excess].line)
-                excess += 1
-            if excess > 0:
-                del record.lines[:excess]
-                record.dropped += excess
             record.changed.notify_all()
+            # Past the bounds, the oldest lines go (a late reader misses them), but never ones a follower has yet
+            # to read: the worker then waits (its pipe fills) until the follower catches up, so no follower
+            # ever loses output, and what is kept stays within the bounds.
+            while _trim(record):
+                await record.changed.wait()
 
     async def logs(self, container_id: str, follow: bool = True) -> AsyncIterator[LogLine]:
-        """Every kept line; with follow, until both output pipes close."""
+        """Every kept line; with follow, every line from the start (the worker waits for a slow follower),
+        until both output pipes close."""
         record = self._get(container_id)
         position = 0  # absolute line number
-        while True:
-            async with record.changed:
-                if follow:
-                    await record.changed.wait_for(functools.partial(record.has_news, position))
-                start = max(position, record.dropped)
-                batch = record.lines[start - record.dropped :]
-                done = record.output_done or not follow
-            for line in batch:
-                yield line
-            position = start + len(batch)
-            if done and not batch:
-                return
+        token = object()
+        if follow:
+            record.followers[token] = position
+        try:
+            while True:
+                async with record.changed:
+                    record.followers[token] = position
+                    record.changed.notify_all()  # a pump may be waiting for this follower to read on
+                    if follow:
+                        await record.changed.wait_for(functools.partial(record.has_news, position))
+                    start = max(position, record.dropped)
+                    batch = record.lines[start - record.dropped :]
+                    done = record.output_done or not follow
+                for line in batch:
+                    yield line
+                position = start + len(batch)
+                if done and not batch:
+                    return
+        finally:
+            record.followers.pop(token, None)
+            if follow:
+                async with record.changed:
+                    record.changed.notify_all()
 
     async def wait(self, container_id: str) -> ExitStatus:
         """Wait for the process to exit (and its output to be read)."""

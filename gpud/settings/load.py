@@ -27,7 +27,7 @@ PACKAGED_DEFAULTS = Path(__file__).with_name("defaults")
 def dev_defaults(environ: Mapping[str, str]) -> dict[str, Any]:
     """The embedded configuration of `gpud run --dev`: two static GPUs, a user socket, the example presets."""
     runtime_dir = Path(environ.get("XDG_RUNTIME_DIR") or f"/tmp/gpud-{os.getuid()}")
-    state_dir = Path(environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "gpud"
+    state_dir = dev_state_dir(environ)
     return {
         "gpu_backend": "static",
         "gpu_device_ids": "0,1",
@@ -40,6 +40,17 @@ def dev_defaults(environ: Mapping[str, str]) -> dict[str, Any]:
         "internal_api_key": "dev-key",
         "allowed_docker_images": "localhost/gpud-worker-python:*,gpud-worker-python:*",
     }
+
+
+def dev_state_dir(environ: Mapping[str, str]) -> Path:
+    """`--dev`'s state: $XDG_STATE_HOME/gpud, else ~/.local/state/gpud; for root /var/lib/gpud-dev, because the
+    process runtime runs each worker as a uid of its own, which must reach the sockets, SDK and models in there,
+    and root's home (0700) lets no one else in."""
+    if environ.get("XDG_STATE_HOME"):
+        return Path(environ["XDG_STATE_HOME"]) / "gpud"
+    if os.geteuid() == 0:
+        return Path("/var/lib/gpud-dev")
+    return Path.home() / ".local" / "state" / "gpud"
 
 
 def load(

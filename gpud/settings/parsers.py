@@ -6,6 +6,7 @@ ValueError with a message meant for an operator.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,15 @@ def seconds(value: Any) -> float:
     return number
 
 
+def seconds_or_zero(value: Any) -> float:
+    """A duration in seconds: a positive number, or 0 (off)."""
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            if float(value) == 0:
+                return 0.0
+    return seconds(value)
+
+
 def positive_int(value: Any) -> int:
     """A whole number above zero."""
     if isinstance(value, bool):
@@ -99,6 +109,21 @@ def optional_size(value: Any) -> int | None:
 def path(value: Any) -> Path:
     """A filesystem path (must not be empty)."""
     return Path(non_empty_text(value))
+
+
+def engine_socket(value: Any) -> str | None:
+    """An engine's API socket: an absolute path, or `unix:///path` (the form CONTAINER_HOST and DOCKER_HOST use);
+    returned as the bare path. None when empty."""
+    text = optional_text(value)
+    if text is None:
+        return None
+    socket_path = text[len("unix://") :] if text.lower().startswith("unix://") else text
+    if "://" in socket_path or not socket_path.startswith("/"):
+        raise ValueError(
+            f"expected a Unix socket: an absolute path (/run/podman/podman.sock) or unix:///path, got {text!r}"
+            " (gpud talks to the engine only over its local Unix socket)"
+        )
+    return socket_path
 
 
 def string_list(value: Any) -> tuple[str, ...]:

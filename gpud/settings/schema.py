@@ -134,8 +134,9 @@ class Settings:
         help="`podman` \\| `docker` \\| `process` (no isolation; development only)",
     )  # fmt: skip
     runtime_socket: str | None = setting(
-        env="GPUD_RUNTIME_SOCKET", parse=p.optional_text, shown="engine default", help="the engine's API socket"
-    )
+        env="GPUD_RUNTIME_SOCKET", parse=p.engine_socket, shown="engine default",
+        help="the engine's API socket: a path or `unix:///path`",
+    )  # fmt: skip
     state_dir: Path = setting(
         Path("/var/lib/gpud"), env="GPUD_STATE_DIR", parse=p.path, help="worker sockets, task inputs, the SDK copy"
     )
@@ -147,6 +148,11 @@ class Settings:
         False, env="GPUD_PROCESS_ALLOW_UNISOLATED", parse=p.boolean,
         help="let the process runtime start workers without `unshare --net` (shared network; as gpud's user if "
         "not root); /health says degraded",
+    )  # fmt: skip
+    worker_reconnect_seconds: float = setting(
+        60.0, env="GPUD_WORKER_RECONNECT_SECONDS", parse=p.seconds_or_zero,
+        help="a session worker whose connection to gpud ends without `shutdown` (gpud killed) keeps its model and "
+        "tries this long to reconnect to the restarted gpud; `0`: it exits at once",
     )  # fmt: skip
     model_cache_max_bytes: int | None = setting(
         env="GPUD_MODEL_CACHE_MAX_BYTES", parse=p.optional_size, shown="none",
@@ -194,7 +200,18 @@ class Settings:
     )  # fmt: skip
     task_retention_seconds: float = setting(
         600.0, env="GPUD_TASK_RETENTION_SECONDS", parse=p.seconds, reload=True,
-        help="finished tasks stay readable (and replayable) this long",
+        help="finished tasks stay in memory (listed, and their whole stream replayable) this long; then they "
+        "answer from the records (`GPUD_RECORD_RETENTION_SECONDS`)",
+    )  # fmt: skip
+    live_restore: bool = setting(
+        True, env="GPUD_LIVE_RESTORE", parse=p.boolean,
+        help="after an unclean exit (kill -9, watchdog, crash) the next start adopts the sessions and one-offs "
+        "still running; `false` removes them (a clean stop always ends them)",
+    )  # fmt: skip
+    record_retention_seconds: float = setting(
+        86400.0, env="GPUD_RECORD_RETENTION_SECONDS", parse=p.seconds, reload=True,
+        help="finished tasks and ended sessions stay in the records database (`<state_dir>/gpud.db`) this long, "
+        "and answer after a restart",
     )  # fmt: skip
     sse_heartbeat_seconds: float = setting(
         15.0, env="GPUD_SSE_HEARTBEAT_SECONDS", parse=p.seconds, reload=True, help="comment heartbeat on idle streams"

@@ -26,7 +26,7 @@ import enum
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,7 @@ class TaskEventLog:
         *,
         limits: EventLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        first_id: int = 1,
         **overrides: Any,
     ) -> None:
         self.task_id = task_id
@@ -105,7 +106,10 @@ class TaskEventLog:
         self.output = TextBuffer(self.limits.output_bytes)
         self._clock = clock
         self._events: list[Event] = []
-        self._base = 0  # events released from the front (see release())
+        # Ids before the first stored event: released ones (see release()), or, for a log made again after a
+        # restart, every id issued before it (first_id above them), so a client's Last-Event-ID still works.
+        self._base = first_id - 1
+        self._origin = self._base  # events are counted (max_events) from here
         self._bytes = 0  # encoded bytes of the stored events
         self._logs_bytes = 0
         self._finished = False
@@ -121,6 +125,16 @@ class TaskEventLog:
         self.logs_cut_bytes = 0
         self.lines_shortened = 0  # log lines over log_line_bytes, and the bytes cut from them
         self.line_bytes_cut = 0
+
+    @classmethod
+    def replay_of(cls, task_id: str, first_id: int, events: Iterable[tuple[EventType, bytes]]) -> TaskEventLog:
+        """A finished log holding only `events` (encoded data), with ids from `first_id` on: a finished task's
+        stored ending (its `text` and `task_finish`), replayed after a restart with the ids it had."""
+        log = cls(task_id, first_id=first_id)
+        for type, data in events:
+            log._publish_encoded(type, data)
+        log._finished = True
+        return log
 
     @property
     def finished(self) -> bool:
@@ -182,7 +196,7 @@ class TaskEventLog:
     def _delta(self, text: str) -> Event | None:
         last = None
         for piece in split_utf8(self.output.append(clean_text(text)), self.limits.delta_bytes):
-            if self.last_id >= self.limits.max_events:
+            if self.last_id - self._origin >= self.limits.max_events:
                 last = self._coalesce(piece)
             else:
                 self._flush_pending()
@@ -198,7 +212,7 @@ class TaskEventLog:
 
     def _append_droppable(self, type: EventType, data: dict[str, Any], cut: int) -> Event | None:
         """A logs or progress event within the event count and the logs budget; `cut` bytes were cut from its line."""
-        if self.last_id >= self.limits.max_events:
+        if self.last_id - self._origin >= self.limits.max_events:
             self.dropped += 1
             return None
         encoded = dumps_safe({**data, "task_id": self.task_id})

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from gpud.errors import GpudError, Unavailable
 from gpud.gpu.scheduler import Lease, Scheduler
 from gpud.modelstore import ModelStore
-from gpud.runtime.base import ContainerRuntime, ExitStatus, Mount, Stream
+from gpud.runtime.base import ContainerNotFound, ContainerRuntime, EngineUnavailable, ExitStatus, Mount, Stream
 from gpud.runtime.spec import build_spec
 from gpud.work.events import EventType
 from gpud.work.launch import (
@@ -30,6 +30,8 @@ from gpud.work.launch import (
     quote_tail,
     timeout_error,
 )
+from gpud.work.outage import OutputFollower, drain, wait_exit
+from gpud.work.removals import PendingRemovals
 from gpud.work.task import CancelHook, Task, TaskError, TaskStatus, cancel_error
 from gpud.work.textcap import LongLines
 from gpud.work.uids import WorkerIds, WorkerUser
@@ -47,19 +49,27 @@ class Outcome:
     status: TaskStatus
     error: TaskError | None = None
     exit_code: int | None = None
+    exited: bool = False  # the container was seen to exit (it no longer runs on its GPU)
 
 
 class OneOffRunner:
     """Runs one task in its own container: input in, stdout as text deltas, stderr as logs, exit status out."""
 
     def __init__(
-        self, runtime: ContainerRuntime, store: ModelStore, scheduler: Scheduler, work_dir: Path, ids: WorkerIds
+        self,
+        runtime: ContainerRuntime,
+        store: ModelStore,
+        scheduler: Scheduler,
+        work_dir: Path,
+        ids: WorkerIds,
+        removals: PendingRemovals | None = None,
     ) -> None:
         self._runtime = runtime
         self._store = store
         self._scheduler = scheduler
         self._work_dir = work_dir
         self._ids = ids
+        self._removals = removals or PendingRemovals(runtime)
 
     def admit(self, task: Task) -> WorkerUser:
         """The host user the task's container will run as, allocated now: a full uid range is a 503 at submit."""
@@ -68,13 +78,32 @@ class OneOffRunner:
     async def run(self, task: Task, lease: Lease | None, user: WorkerUser) -> None:
         """Run the task (as `user`, from admit) to its end; never raises (errors become the task's failure).
         Without a lease (the model was not cached at submit) the GPU is leased once the model is there."""
-        input_dir = self._work_dir / task.id
+        held = [lease] if lease is not None else []  # the lease, once there is one (cleanup releases it)
         stopper = asyncio.Event()
+        input_dir = self._work_dir / task.id
+        await self._guarded(task, held, user, stopper, self._execute(task, held, user, input_dir, stopper))
+
+    async def resume(self, task: Task, lease: Lease | None, user: WorkerUser, timeout: float) -> None:
+        """Follow a task whose container (task.container_id) survived gpud's restart to its end, as run() would
+        from the container's start: output, the `timeout` seconds it has left, cancel, outcome, cleanup."""
+        held = [lease] if lease is not None else []
+        stopper = asyncio.Event()
+        await self._guarded(task, held, user, stopper, self._supervise(task, stopper, timeout))
+
+    async def _guarded(
+        self,
+        task: Task,
+        held: list[Lease],
+        user: WorkerUser,
+        stopper: asyncio.Event,
+        work: Coroutine[Any, Any, Outcome],
+    ) -> None:
+        """Await the work; whatever happens, clean up, then finish the task with the outcome."""
+        input_dir = self._work_dir / task.id
         task.cancel_hook = _cancel_hook(stopper)
         outcome = Outcome(TaskStatus.FAILED, TaskError("internal_error", "the task ended unexpectedly"))
-        held = [lease] if lease is not None else []  # the lease, once there is one (cleanup releases it)
         try:
-            outcome = await self._execute(task, held, user, input_dir, stopper)
+            outcome = await work
         except GpudError as exc:
             outcome = Outcome(TaskStatus.FAILED, TaskError(exc.code, exc.message))
         except asyncio.CancelledError:
@@ -85,7 +114,7 @@ class OneOffRunner:
             outcome = Outcome(TaskStatus.FAILED, TaskError("internal_error", f"internal error: {exc}"))
         finally:
             # GPU and container are released before task_finish, so a client may submit again at once.
-            await self._cleanup(task, held, user, input_dir)
+            await self._cleanup(task, held, user, input_dir, outcome.exited)
             task.finish(outcome.status, error=outcome.error, exit_code=outcome.exit_code)
 
     async def _execute(
@@ -138,35 +167,66 @@ class OneOffRunner:
         task.emit(EventType.CONNECTION, status="gpu_allocated", gpu_id=lease.gpu.index)
         return lease
 
-    async def _supervise(self, task: Task, stopper: asyncio.Event) -> Outcome:
-        """Pump output while waiting for exit, the timeout, or a cancel; then finish the task."""
+    async def _supervise(self, task: Task, stopper: asyncio.Event, timeout: float | None = None) -> Outcome:
+        """Pump output while waiting for exit, the timeout (the task's, or `timeout` seconds), or a cancel; then
+        decide the outcome once the output is read to its end. An engine that stops answering meanwhile is
+        waited for (gpud/work/outage.py): the task goes on, and ends when the container does."""
         assert task.container_id is not None
+        what = f"task {task.id}"
         tail = log_tail()
-        pump = asyncio.create_task(self._pump(task, tail))
-        waiter = asyncio.create_task(self._runtime.wait(task.container_id))
+        follower = OutputFollower(self._runtime, task.container_id, what)
+        pump = asyncio.create_task(self._pump(task, tail, follower))
+        waiter = asyncio.create_task(wait_exit(self._runtime, task.container_id, what))
         stop_wait = asyncio.create_task(stopper.wait())
         try:
             # The timeout counts from the container's start, as for session tasks (not the model fetch before).
-            timeout = task.request.timeout_seconds
+            timeout = task.request.timeout_seconds if timeout is None else timeout
             done, _ = await asyncio.wait({waiter, stop_wait}, timeout=timeout, return_when="FIRST_COMPLETED")
             if waiter not in done:
-                await self._runtime.stop(task.container_id, STOP_GRACE_SECONDS)
-                await waiter
+                exited = await self._stop(task, waiter)
                 status = TaskStatus.CANCELLED if stopper.is_set() else TaskStatus.TIMEOUT
-                await _drain(pump)
+                await self._drain(task, pump, follower, exited)
                 error = _cancel_error(task) if stopper.is_set() else timeout_error(task)
-                return Outcome(status, error)
-            await _drain(pump)
+                return Outcome(status, error, exited=exited)
+            await self._drain(task, pump, follower, True)
             return _outcome_of_exit(task, waiter.result(), tail)
         finally:
             for pending in (pump, waiter, stop_wait):
                 pending.cancel()
             await asyncio.gather(pump, waiter, stop_wait, return_exceptions=True)
 
-    async def _pump(self, task: Task, tail: collections.deque[str]) -> None:
+    async def _stop(self, task: Task, waiter: asyncio.Task[ExitStatus]) -> bool:
+        """Stop the container; True once it has exited. False when the engine does not answer: it may still run
+        (cleanup then keeps it, and its GPU, until a later removal succeeds)."""
         assert task.container_id is not None
+        try:
+            await self._runtime.stop(task.container_id, STOP_GRACE_SECONDS)
+        except ContainerNotFound:
+            return True
+        except EngineUnavailable as exc:
+            logger.warning("task %s: could not stop container %s: %s", task.id, task.container_id, exc)
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter), STOP_GRACE_SECONDS + 30.0)
+        return waiter.done()
+
+    @staticmethod
+    async def _drain(task: Task, pump: asyncio.Task[None], follower: OutputFollower, exited: bool) -> None:
+        """Let the output written before the exit reach the task before task_finish; when it cannot be read to
+        its end, the task says its output is truncated."""
+        if exited and await drain(pump, follower) and follower.whole:
+            return
+        why = "the container's output could not be read to its end"
+        if not exited:
+            why += " (the container could not be stopped: the engine does not answer)"
+        elif follower.lost_while_away:
+            why = "the container ended while the engine did not answer, and that engine keeps no output meanwhile"
+        task.output_truncated = True
+        task.emit(EventType.LOGS, stream="gpud", line=f"output truncated: {why}")
+
+    async def _pump(self, task: Task, tail: collections.deque[str], follower: OutputFollower) -> None:
         long_lines = LongLines()
-        async for line in self._runtime.logs(task.container_id, follow=True):
+        async for line in follower:
             if line.stream is Stream.STDOUT:
                 # A long line comes in pieces; none is lost, and only its last piece ends with the newline.
                 task.emit(EventType.TEXT_DELTA, delta=line.line if line.partial else line.line + "\n")
@@ -178,31 +238,32 @@ class OneOffRunner:
         for stream, head, dropped in long_lines.flush():
             task.log.append_line(stream, head, dropped)
 
-    async def _cleanup(self, task: Task, held: list[Lease], user: WorkerUser, input_dir: Path) -> None:
-        """Remove the container, release the model, GPU and uid, delete the input; each step on its own."""
-        removed = True
-        if task.container_id is not None:
-            try:
-                await asyncio.shield(self._runtime.remove(task.container_id))
-            except Exception:
-                removed = False
-                logger.exception("could not remove container %s of task %s", task.container_id, task.id)
-        self._store.release(task.request.model_id, task.id)
-        for lease in held:
-            self._scheduler.release(lease)
-        if removed:
+    async def _cleanup(self, task: Task, held: list[Lease], user: WorkerUser, input_dir: Path, exited: bool) -> None:
+        """Remove the container; release the model, GPU and uid once it is gone (the GPU at once when it was seen
+        to exit), later if the engine does not answer now; delete the input. Each step on its own."""
+
+        def gone() -> None:
+            for lease in held:
+                self._scheduler.release(lease)
             self._ids.release(user)
-        else:  # a worker that may still run keeps its uid: the next holder must not share it
-            logger.warning("task %s: uid %d stays reserved (its container could not be removed)", task.id, user.uid)
+            self._store.release(task.request.model_id, task.id)
+
+        if task.container_id is None:
+            gone()
+        else:
+            if exited:  # it no longer runs on the GPU, whether or not the engine removes it now
+                for lease in held:
+                    self._scheduler.release(lease)
+            if not await self._removals.remove(task.container_id, f"task {task.id}", gone):
+                # A worker that may still run keeps its uid (the next holder must not share it), and its GPU.
+                logger.warning(
+                    "task %s: its uid %d%s stay reserved until the container is removed",
+                    task.id,
+                    user.uid,
+                    "" if exited else " and GPU",
+                )
         with contextlib.suppress(OSError):
             await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, input_dir)
-
-
-async def _drain(pump: asyncio.Task[None]) -> None:
-    """Let output already written reach the stream before task_finish; an engine that never ends the log
-    stream must not hold the outcome hostage."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(pump), timeout=5.0)
 
 
 async def _unless_stopped(stopper: asyncio.Event, work: Coroutine[Any, Any, _T]) -> _T | None:
@@ -248,11 +309,11 @@ def _cancel_error(task: Task) -> TaskError:
 
 def _outcome_of_exit(task: Task, status: ExitStatus, tail: Collection[str]) -> Outcome:
     if status.exit_code == 0 and not status.oom_killed:
-        return Outcome(TaskStatus.COMPLETED, exit_code=0)
+        return Outcome(TaskStatus.COMPLETED, exit_code=0, exited=True)
     if status.oom_killed:
         message = f"worker ran out of memory (limit {task.preset.limits.memory_bytes} bytes) and was killed"
         code = "out_of_memory"
     else:
         message = f"worker exited with code {status.exit_code}"
         code = "worker_failed"
-    return Outcome(TaskStatus.FAILED, TaskError(code, message + quote_tail(tail)), status.exit_code)
+    return Outcome(TaskStatus.FAILED, TaskError(code, message + quote_tail(tail)), status.exit_code, exited=True)

@@ -15,7 +15,9 @@ from gpud.modelstore import ModelStore
 from gpud.runtime.base import ContainerRuntime, EngineUnavailable
 from gpud.settings import LiveConfig
 from gpud.work.events import EventLimits
+from gpud.work.journal import Journal
 from gpud.work.oneoff import OneOffRunner
+from gpud.work.removals import PendingRemovals
 from gpud.work.request import TaskRequest, TaskType
 from gpud.work.sessions.manager import SessionManager
 from gpud.work.task import Task, TaskRegistry, new_id
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 # How often the janitor looks for abandoned tasks and expired records.
 JANITOR_INTERVAL_SECONDS = 1.0
+# How long a stopping gpud keeps trying to remove containers the engine would not remove before.
+SHUTDOWN_REMOVAL_SECONDS = 10.0
 
 
 class TaskService:
@@ -39,6 +43,8 @@ class TaskService:
         oneoff: OneOffRunner,
         sessions: SessionManager,
         metrics: Metrics,
+        journal: Journal | None = None,
+        removals: PendingRemovals | None = None,
     ) -> None:
         self._config = config
         self._runtime = runtime
@@ -51,7 +57,11 @@ class TaskService:
             lambda: config.settings.task_retention_seconds,
             on_finish=self._observe,
             retention_bytes=lambda: config.settings.task_retention_max_bytes,
+            records=journal,
         )
+        self.journal = journal
+        # Containers the engine would not remove (it did not answer): the janitor tries them again.
+        self.removals = removals or PendingRemovals(runtime)
         self._runs: set[asyncio.Task[None]] = set()
 
     async def submit(self, request: TaskRequest) -> Task:
@@ -68,7 +78,7 @@ class TaskService:
         health = await self._runtime.health()
         if not health.ok:
             raise EngineUnavailable(f"the {health.runtime} engine is not reachable: {health.detail}", retry_after=5.0)
-        task = Task(request=request, preset=preset, limits=self._limits())
+        task = Task(request=request, preset=preset, limits=self.event_limits())
         if request.task_type is TaskType.ONEOFF:
             lease = self._oneoff_lease(task)
             user = self._or_release(lease, lambda: self._oneoff.admit(task))
@@ -107,12 +117,12 @@ class TaskService:
                 f"session {session.id} runs {session.preset.key}, not {request.model_id}/{request.preset}",
                 code="session_model_mismatch",
             )
-        task = Task(request=request, preset=session.preset, limits=self._limits())
+        task = Task(request=request, preset=session.preset, limits=self.event_limits())
         self.sessions.enqueue(session, task)
         self.registry.add(task)
         return task
 
-    def _limits(self) -> EventLimits:
+    def event_limits(self) -> EventLimits:
         """The bounds a new task's events and output get, from the settings now."""
         settings = self._config.settings
         return EventLimits(
@@ -134,6 +144,10 @@ class TaskService:
             raise NotFound(
                 f"model {model_id!r} is not in the cache and AUTO_FETCH_MODELS is off", code="model_not_cached"
             )
+
+    def spawn(self, coro: Any, task: Task) -> None:
+        """Run a task's coroutine (a one-off re-attached after a restart) as one of this service's runs."""
+        self._spawn(coro, task)
 
     def _spawn(self, coro: Any, task: Task) -> None:
         run = asyncio.create_task(coro, name=f"task-{task.id}")
@@ -168,6 +182,9 @@ class TaskService:
                     await task.cancel("client_gone")
             self.registry.purge()
             self.sessions.purge(settings.task_retention_seconds)
+            if self.journal is not None:
+                self.journal.purge()
+            await self.removals.retry()
 
     async def shutdown(self) -> None:
         """End every session and one-off run; their clients get task_finish."""
@@ -176,3 +193,15 @@ class TaskService:
             await task.cancel("shutdown")
         if self._runs:
             await asyncio.wait(set(self._runs), timeout=30.0)
+        await self._remove_leftovers()
+
+    async def _remove_leftovers(self) -> None:
+        """Remove what the engine would not remove before, trying for a few seconds; what it still refuses is
+        named (the next start finds it by its labels)."""
+        deadline = time.monotonic() + SHUTDOWN_REMOVAL_SECONDS
+        while await self.removals.retry(every=True) and time.monotonic() < deadline:
+            await asyncio.sleep(JANITOR_INTERVAL_SECONDS)
+        if self.removals.pending:
+            logger.error(
+                "containers left behind (the engine did not remove them): %s", ", ".join(self.removals.pending)
+            )

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gpud.errors import NotFound
 from gpud.jsonsafe import clean_text
@@ -87,10 +87,13 @@ class Task:
     cancel_hook: CancelHook | None = None
     cancel_reason: str | None = None
     released: bool = False  # finished, and its events and output dropped (retention budget)
+    output_truncated: bool = False  # the runner could not read the worker's output to its end
     # Once finished, the output lives only in the `text` event (the buffer is freed): one copy, not two.
     _text_event: Event | None = field(default=None, init=False, repr=False)
-    # Called once when the task ends (the registry uses it for metrics).
+    # Called once when the task ends (the registry uses it for metrics and the records).
     on_finish: Callable[[Task], None] | None = None
+    # Called when the task starts running (the registry records it).
+    on_running: Callable[[Task], None] | None = None
 
     def __post_init__(self) -> None:
         self.log = TaskEventLog(self.id, limits=self.limits)
@@ -107,6 +110,16 @@ class Task:
             return str(self._text_event.data["text"])
         return self.log.output.text
 
+    @property
+    def text_event(self) -> Event | None:
+        """The finished task's `text` event (its whole output), while its events are kept."""
+        return self._text_event
+
+    def restore_ending(self, log: TaskEventLog) -> None:
+        """Make `log`, the stored ending of this finished task (its `text` and `task_finish`), its log."""
+        self.log = log
+        self._text_event = next((e for e in log.events() if e.type is EventType.TEXT), None)
+
     def emit(self, type: EventType, **data: Any) -> None:
         """Append an event to the task's stream (text deltas are also collected as the output, up to its limit)."""
         self.log.append(type, data)
@@ -120,6 +133,8 @@ class Task:
         if not self.final:
             self.status = TaskStatus.RUNNING
             self.started_at = time.time()
+            if self.on_running is not None:
+                self.on_running(self)
 
     def finish(
         self,
@@ -138,6 +153,8 @@ class Task:
         self.exit_code = exit_code
         self.cancel_hook = None
         data: dict[str, Any] = {"status": status.value, "elapsed_seconds": round(self.elapsed(), 3)}
+        if self.output_truncated:
+            data["output_truncated"] = True
         if error is not None:
             data["error"] = error.to_dict()
         if exit_code is not None:
@@ -205,42 +222,64 @@ class Task:
         }
         if self.released:
             report["released"] = True  # its events and output were dropped to stay within the retention budget
+        if self.output_truncated:
+            report["output_truncated"] = True
         if with_result:
             report["text"] = self.text
             report["result"] = self.result
         return report
 
 
+class TaskRecords(Protocol):
+    """Where tasks are recorded durably (gpud.work.journal): written at each change, read back after memory."""
+
+    def task_changed(self, task: Task) -> None:
+        """Record the task as it is now."""
+
+    def stored_task(self, task_id: str) -> Task | None:
+        """A finished task rebuilt from its record, or None."""
+
+
 class TaskRegistry:
     """Active tasks, and finished ones for a retention period (so streams can be replayed after the end).
 
     Finished tasks also share a byte budget: past it, the oldest finished tasks' events and output are released
-    (their records stay until the retention period ends), so retention cannot hold gigabytes."""
+    (their records stay until the retention period ends), so retention cannot hold gigabytes. With `records`, each
+    task is also recorded when added, running and finished, and one no longer in memory is read back from there."""
 
     def __init__(
         self,
         retention_seconds: Callable[[], float],
         on_finish: Callable[[Task], None] | None = None,
         retention_bytes: Callable[[], int] | None = None,
+        records: TaskRecords | None = None,
     ) -> None:
         self._tasks: dict[str, Task] = {}
         self._retention = retention_seconds
         self._retention_bytes = retention_bytes or (lambda: 512 * 1024 * 1024)
         self._on_finish = on_finish
+        self._records = records
 
     def add(self, task: Task) -> None:
         """Register a new task."""
         self._tasks[task.id] = task
         task.on_finish = self._finished
+        if self._records is not None:
+            task.on_running = self._records.task_changed
+            self._records.task_changed(task)
 
     def _finished(self, task: Task) -> None:
         if self._on_finish is not None:
             self._on_finish(task)
+        if self._records is not None:
+            self._records.task_changed(task)  # before the trim below may release its output
         self._trim()  # at once, not at the next purge: a burst of big outputs must not pile up meanwhile
 
     def get(self, task_id: str) -> Task:
-        """The task, or NotFound."""
+        """The task, or NotFound (a task no longer in memory is read back from the records)."""
         task = self._tasks.get(task_id)
+        if task is None and self._records is not None:
+            task = self._records.stored_task(task_id)
         if task is None:
             raise NotFound(f"no task {task_id!r} (finished tasks are kept for a while, then forgotten)")
         return task

@@ -93,6 +93,28 @@ class WorkerIds:
         self._by_holder[holder] = uid
         return uid
 
+    def reserve(self, uid: int, holder: str) -> WorkerUser | None:
+        """Mark `uid` as `holder`'s: a worker found running as it after gpud's restart (its `gpud.uid` label), so it
+        is never handed to another. None when another holder has it (two workers on one uid: one must go); a uid
+        outside the range is not this allocator's (a preset's fixed user) and is returned unallocated."""
+        if not self.first <= uid <= self.last:
+            return WorkerUser(uid, uid)
+        owner = next((h for h, held in self._by_holder.items() if held == uid), None)
+        if owner is not None:
+            return WorkerUser(uid, uid, holder) if owner == holder else None
+        previous = self._by_holder.pop(holder, None)  # a holder has one uid: the one its worker runs as
+        if previous is not None:
+            heapq.heappush(self._released, previous)
+        if uid >= self._next:
+            for skipped in range(self._next, uid):  # the ids jumped over stay free, lowest first
+                heapq.heappush(self._released, skipped)
+            self._next = uid + 1
+        else:
+            self._released.remove(uid)
+            heapq.heapify(self._released)
+        self._by_holder[holder] = uid
+        return WorkerUser(uid, uid, holder)
+
     def release(self, user: WorkerUser) -> None:
         """Give an allocated uid back once its worker is gone; fixed and root users are not allocated."""
         if user.holder is None:

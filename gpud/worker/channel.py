@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,14 +24,10 @@ from gpud.worker.protocol import (
     decode,
     encode,
 )
+from gpud.worker.socketdir import bind_adopted, bind_fresh
 
 logger = logging.getLogger(__name__)
 
-# Socket and directory modes: both belong to the worker's own uid (one per session), which alone may connect();
-# any other uid is refused by the filesystem, and, should the modes be opened up, by the SO_PEERCRED check.
-# See docs/worker-protocol.md, Security.
-SOCKET_MODE = 0o600
-DIR_MODE = 0o700
 _READ_SIZE = 64 * 1024
 # A worker sending garbage in a loop must not flood gpud's log: the first few protocol errors are logged, the
 # rest counted (protocol_errors); each message about one is cut to a readable length.
@@ -81,6 +75,9 @@ class ReadyInfo:
     pid: int | None
     info: dict[str, Any]
     seconds_to_ready: float  # from start() to `ready`, measured by gpud
+    # A worker that kept its loaded model across gpud's restart and reconnected: `hello {resuming: true}` and
+    # `ready {resumed: true}`, whose info is the one it gave at its first ready (no load happened now).
+    resumed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,20 +130,19 @@ class WorkerChannel:
         """True once the worker's connection has closed."""
         return self._gone is not None
 
-    async def start(self) -> None:
-        """Create the socket directory, listen, and hand both to the worker's uid; it may connect from now on."""
-        # A fresh directory that stays root's until the socket is ready: nothing a previous holder of this path
-        # (a restarted session) left survives, and nobody can swap the socket for a link before it is chowned.
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
-        self.socket_dir.mkdir(parents=True, mode=DIR_MODE)
-        os.chmod(self.socket_dir, DIR_MODE)
+    async def start(self, *, adopt: bool = False) -> None:
+        """Listen on a socket handed to the worker's uid; it may connect from now on. Normally in a new directory;
+        with adopt, in the existing one (a running worker's container has it bind-mounted), for a worker that
+        reconnects after gpud's restart. Raises OSError (SocketDirUnusable) when adopting cannot work."""
+        bind = bind_adopted if adopt else bind_fresh
+        sock = bind(self.socket_dir, self.uid, self.gid)
         self._ready = asyncio.get_running_loop().create_future()
         self._started_at = time.monotonic()
-        self._server = await asyncio.start_unix_server(self._on_connect, path=str(self.socket_path), limit=self._max)
-        os.chmod(self.socket_path, SOCKET_MODE)
-        if (self.uid, self.gid) != (os.geteuid(), os.getegid()):
-            os.chown(self.socket_path, self.uid, self.gid, follow_symlinks=False)
-            os.chown(self.socket_dir, self.uid, self.gid)  # last: from now on the worker's uid may enter
+        try:
+            self._server = await asyncio.start_unix_server(self._on_connect, sock=sock, limit=self._max)
+        except BaseException:
+            sock.close()
+            raise
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer)
@@ -250,6 +246,7 @@ class WorkerChannel:
             pid=self._hello.get("pid"),
             info=info if isinstance(info, dict) else {},
             seconds_to_ready=time.monotonic() - self._started_at,
+            resumed=self._hello.get("resuming") is True and message.get("resumed") is True,
         )
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(ready)

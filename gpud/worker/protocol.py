@@ -29,6 +29,9 @@ CONTAINER_SDK_PATH = f"{CONTAINER_SDK_DIR}/gpud_worker.py"
 ENV_SOCKET = "GPUD_WORKER_SOCKET"
 ENV_TASK_INPUT_FILE = "GPUD_TASK_INPUT_FILE"
 ENV_CONNECT_TIMEOUT = "GPUD_WORKER_CONNECT_TIMEOUT"
+# Seconds a session worker whose connection ended without `shutdown` keeps its model and tries to reconnect.
+ENV_RECONNECT_SECONDS = "GPUD_WORKER_RECONNECT_SECONDS"
+DEFAULT_RECONNECT_SECONDS = 60.0
 
 
 class HostMessage(enum.StrEnum):

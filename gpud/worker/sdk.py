@@ -19,6 +19,11 @@ PYTHONPATH=/opt/gpud/lib, so a worker does `import gpud_worker`. The protocol is
 
 With GPUD_WORKER_SOCKET set, serve() speaks the protocol (session mode). Without it, serve() runs one task from
 the JSON file GPUD_TASK_INPUT_FILE names, prints the text to stdout as it comes, and exits 0 or 1.
+
+In session mode, when the connection ends without gpud's `shutdown` (gpud itself was killed or restarted), the
+worker stops its task, keeps its loaded model and reconnects to the same socket path for
+GPUD_WORKER_RECONNECT_SECONDS (default 60; 0: exit at once), then says hello with `resuming: true` and ready
+again with its first ready info; it exits 0 if gpud does not come back in time.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any, NoReturn
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 SDK_NAME = "gpud-python/1"
+DEFAULT_RECONNECT_SECONDS = 60.0
 # Deltas are split so one message stays far below the limit even if every character needs a 6-byte escape.
 _DELTA_CHARS = MAX_MESSAGE_SIZE // 8
 
@@ -113,17 +119,19 @@ def _run_predict(worker: Any, input: dict[str, Any], ctx: Context) -> tuple[str,
 
 
 class _Session:
-    """Session mode: one connection to gpud, tasks one at a time, predict in a worker thread."""
+    """Session mode: one connection to gpud at a time, tasks one at a time, predict in a worker thread."""
 
     def __init__(self, sock: socket.socket, worker: Any) -> None:
         self._sock = sock
+        self._conn = 0  # which connection to gpud this is: a task only ever sends on the one it came on
         self._factory = worker
         self._worker: Any = None
+        self._ready_info: dict[str, Any] = {}
         self._lock = threading.Lock()  # whole messages only: the reader thread and predict both send
         self._ctx: Context | None = None
         self._thread: threading.Thread | None = None
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any], conn: int | None = None) -> None:
         data = _encode(message)
         if len(data) > MAX_MESSAGE_SIZE:
             kind = message.get("type")
@@ -136,10 +144,20 @@ class _Session:
                 }
             )
         with self._lock:
+            if conn is not None and conn != self._conn:
+                # A task of a connection that ended: the gpud now listening never sent it.
+                raise BrokenPipeError("the connection this task came on is gone")
             self._sock.sendall(data)
 
-    def run(self) -> int:
-        self.send({"type": "hello", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "sdk": SDK_NAME})
+    def _hello(self, resuming: bool = False) -> None:
+        hello: dict[str, Any] = {"type": "hello", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "sdk": SDK_NAME}
+        if resuming:
+            hello["resuming"] = True
+        self.send(hello)
+
+    def run(self) -> int | None:
+        """Say hello, load, say ready, serve; the exit code, or None when gpud went away without `shutdown`."""
+        self._hello()
         started = time.monotonic()
         try:
             self._worker = _make_worker(self._factory)
@@ -148,12 +166,36 @@ class _Session:
             traceback.print_exc()
             self.send({"type": "error", "code": "setup_failed", "message": f"{type(exc).__name__}: {exc}"})
             return 1
-        ready_info = dict(info) if isinstance(info, dict) else {}
-        ready_info.setdefault("load_seconds", round(time.monotonic() - started, 6))
-        self.send({"type": "ready", "info": ready_info})
-        return self._read_loop()
+        self._ready_info = dict(info) if isinstance(info, dict) else {}
+        self._ready_info.setdefault("load_seconds", round(time.monotonic() - started, 6))
+        try:
+            self.send({"type": "ready", "info": self._ready_info})
+        except OSError:
+            return None  # gpud went away while the model loaded: it is loaded now, keep it
+        return self._serve()
 
-    def _read_loop(self) -> int:
+    def resume(self, sock: socket.socket) -> int | None:
+        """Serve again on a new connection to a restarted gpud, with the model loaded before (no second setup)."""
+        with self._lock:
+            self._sock = sock
+            self._conn += 1
+        try:
+            self._hello(resuming=True)
+            self.send({"type": "ready", "info": self._ready_info, "resumed": True})
+        except OSError:
+            return None
+        return self._serve()
+
+    def _serve(self) -> int | None:
+        try:
+            shutdown = self._read_loop()
+        except OSError:  # a pong or an error could not be sent: the connection is gone
+            shutdown = False
+        self._stop_current()  # gpud asked, or is gone: either way nobody waits for this task any more
+        return 0 if shutdown else None
+
+    def _read_loop(self) -> bool:
+        """Handle gpud's messages; True when gpud said `shutdown`, False when the connection ended."""
         buf = b""
         while True:
             try:
@@ -161,14 +203,12 @@ class _Session:
             except OSError:
                 data = b""
             if not data:
-                self._stop_current()
-                return 0  # gpud closed the connection: nothing left to do
+                return False
             buf += data
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 if self._handle_line(line) is False:
-                    self._stop_current()
-                    return 0
+                    return True
             if len(buf) > MAX_MESSAGE_SIZE:
                 buf = b""
                 self.send({"type": "error", "code": "protocol_error", "message": "message from gpud too large"})
@@ -202,16 +242,18 @@ class _Session:
             self.send({"type": "error", "task_id": task_id, "code": "busy", "message": "a task is running"})
             self.send({"type": "done", "task_id": task_id, "status": "failed"})
             return
-        ctx = Context(task_id, self.send)
+        conn = self._conn
+        ctx = Context(task_id, lambda message: self.send(message, conn))
         self._ctx = ctx
         self._thread = threading.Thread(target=self._task_thread, args=(ctx, input), daemon=True)
         self._thread.start()
 
     def _task_thread(self, ctx: Context, input: Any) -> None:
-        # OSError anywhere here means gpud is gone; the reader loop notices the closed socket and exits.
+        # OSError anywhere here means gpud is gone (the reader loop notices the closed socket), or its connection
+        # is: every message of the task goes through ctx, bound to the connection the task came on.
         with contextlib.suppress(OSError):
             status = self._predict_and_report(ctx, input)
-            self.send({"type": "done", "task_id": ctx.task_id, "status": status})
+            ctx._send({"type": "done", "task_id": ctx.task_id, "status": status})
 
     def _predict_and_report(self, ctx: Context, input: Any) -> str:
         """Run predict, send `text` or `error`; return the `done` status."""
@@ -222,11 +264,11 @@ class _Session:
         except Exception as exc:
             traceback.print_exc()
             code = type(exc).__name__
-            self.send({"type": "error", "task_id": ctx.task_id, "code": code, "message": str(exc) or code})
+            ctx._send({"type": "error", "task_id": ctx.task_id, "code": code, "message": str(exc) or code})
             return "cancelled" if ctx.cancelled else "failed"
         if cancelled:
             return "cancelled"
-        self.send({"type": "text", "task_id": ctx.task_id, "text": text})
+        ctx._send({"type": "text", "task_id": ctx.task_id, "text": text})
         return "completed"
 
     def _stop_current(self) -> None:
@@ -290,21 +332,50 @@ def run_oneoff(worker: Any) -> int:
     return 0
 
 
-def run_session(worker: Any, socket_path: str, connect_timeout: float = 60.0) -> int:
-    """Connect to gpud at socket_path, load, serve tasks until gpud says shutdown or closes; return exit code."""
+def run_session(worker: Any, socket_path: str, connect_timeout: float = 60.0, reconnect_seconds: float = 0.0) -> int:
+    """Connect to gpud at socket_path, load, serve tasks until gpud says shutdown; return the exit code. When the
+    connection ends without `shutdown`, keep the model and reconnect for up to reconnect_seconds (0: exit 0)."""
     sock = _connect(socket_path, connect_timeout)
+    session = _Session(sock, worker)
     try:
-        return _Session(sock, worker).run()
+        code = session.run()
+        while code is None:
+            sock.close()
+            if reconnect_seconds <= 0:
+                return 0
+            try:
+                sock = _connect(socket_path, reconnect_seconds)
+            except OSError:
+                print(f"gpud_worker: gpud did not come back within {reconnect_seconds:g}s", file=sys.stderr)
+                return 0
+            code = session.resume(sock)
+        return code
     finally:
         sock.close()
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A non-negative number of seconds from the environment; the default when unset or not such a number."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds < float("inf"):
+        print(f"gpud_worker: ignoring {name}={value!r} (not a number of seconds); using {default:g}", file=sys.stderr)
+        return default
+    return seconds
 
 
 def serve(worker: Any) -> NoReturn:
     """Run `worker` (a class or an instance with setup()/predict()) under gpud, then exit the process."""
     path = os.environ.get("GPUD_WORKER_SOCKET")
     if path:
-        timeout = float(os.environ.get("GPUD_WORKER_CONNECT_TIMEOUT", "60"))
-        sys.exit(run_session(worker, path, timeout))
+        timeout = _env_seconds("GPUD_WORKER_CONNECT_TIMEOUT", 60.0)
+        reconnect = _env_seconds("GPUD_WORKER_RECONNECT_SECONDS", DEFAULT_RECONNECT_SECONDS)
+        sys.exit(run_session(worker, path, timeout, reconnect))
     sys.exit(run_oneoff(worker))
 
 

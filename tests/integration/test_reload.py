@@ -38,6 +38,7 @@ COVERED = {
     "max_task_timeout": "test_task_timeouts",
     "client_gone_grace_seconds": "test_client_gone_grace",
     "task_retention_seconds": "test_task_retention",
+    "record_retention_seconds": "test_record_retention",
     "sse_heartbeat_seconds": "test_heartbeat",
     "sse_send_timeout_seconds": "test_sse_send_timeout",
     "task_output_max_bytes": "test_output_and_log_limits",
@@ -195,16 +196,37 @@ async def test_client_gone_grace(r: Reloading) -> None:
     assert await wait_until(cancelled, "the abandoned task to be cancelled", timeout=10) == "client_gone"
 
 
+async def listed(r: Reloading, task_id: str) -> bool:
+    """Whether GET /api/tasks (the tasks in memory) lists the task."""
+    return any(task["task_id"] == task_id for task in (await r.stack.get("/api/tasks"))[1]["tasks"])
+
+
 async def test_task_retention(r: Reloading) -> None:
     events = await r.stack.run(r.stack.body("oneoff"))
-    path = f"/api/tasks/{events[0].data['task_id']}"
-    assert (await r.stack.get(path))[0] == 200
+    task_id = events[0].data["task_id"]
+    assert await listed(r, task_id)
     await r.reload(GPUD_TASK_RETENTION_SECONDS="0.1")
+
+    async def forgotten() -> bool:
+        return not await listed(r, task_id)
+
+    await wait_until(forgotten, "the finished task to leave memory")
+    # Out of memory, it still answers from the records (GPUD_RECORD_RETENTION_SECONDS), as after a restart.
+    status, task = await r.stack.get(f"/api/tasks/{task_id}")
+    assert status == 200 and task["status"] == "completed"
+
+
+async def test_record_retention(r: Reloading) -> None:
+    events = await r.stack.run(r.stack.body("oneoff"))
+    path = f"/api/tasks/{events[0].data['task_id']}"
+    await r.reload(GPUD_TASK_RETENTION_SECONDS="0.1")
+    assert (await r.stack.get(path))[0] == 200
+    await r.reload(GPUD_RECORD_RETENTION_SECONDS="0.1")
 
     async def forgotten() -> bool:
         return (await r.stack.get(path))[0] == 404
 
-    await wait_until(forgotten, "the finished task to be forgotten")
+    await wait_until(forgotten, "the finished task's record to be purged")
 
 
 async def test_heartbeat(r: Reloading) -> None:

@@ -23,6 +23,7 @@ RANKS = {
     "gpud.runtime": 3,
     "gpud.worker": 2,
     "gpud.settings": 1,
+    "gpud.state": 1,
     "gpud.errors": 0,
     "gpud.clock": 0,
     "gpud.metrics": 0,

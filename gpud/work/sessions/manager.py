@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gpud.clock import Clock, SystemClock
 from gpud.errors import GpudError
 from gpud.gpu.scheduler import Lease, Scheduler
 from gpud.modelstore import ModelStore
-from gpud.runtime.base import ContainerRuntime, LogLine, Stream
+from gpud.runtime.base import ContainerRuntime
 from gpud.settings import LiveConfig
 from gpud.work.events import EventType
 from gpud.work.launch import image_progress, model_progress
-from gpud.work.sessions.record import Session, SessionRegistry, SessionState
-from gpud.work.sessions.taskrun import RunOutcome, TaskRun, stop_error
+from gpud.work.removals import PendingRemovals
+from gpud.work.sessions.endings import end_tasks, logged, output_to
+from gpud.work.sessions.output import WorkerOutput
+from gpud.work.sessions.record import Session, SessionRecords, SessionRegistry, SessionState
+from gpud.work.sessions.taskrun import RunOutcome, TaskRun
 from gpud.work.sessions.worker import SessionWorker, WorkerCrashed
 from gpud.work.task import Task, TaskError, TaskStatus, cancel_error
-from gpud.work.textcap import LongLines
 from gpud.work.uids import WorkerIds, WorkerUser
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class SessionManager:
         clock: Clock | None = None,
         *,
         ids: WorkerIds,
+        records: SessionRecords | None = None,
+        removals: PendingRemovals | None = None,
     ) -> None:
         self._runtime = runtime
         self._store = store
@@ -48,12 +50,18 @@ class SessionManager:
         self._socket_root = socket_root
         self._sdk_dir = sdk_dir
         self._clock = clock or SystemClock()
-        self.registry = SessionRegistry()
+        self.registry = SessionRegistry(records)
         self._lives: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._workers: dict[str, SessionWorker] = {}
         self._ids = ids
         self._users: dict[str, WorkerUser] = {}  # session id -> the host user its workers run as
+        self._removals = removals or PendingRemovals(runtime)
+
+    @property
+    def clock(self) -> Clock:
+        """The clock sessions' timers run on."""
+        return self._clock
 
     # --- entry points ---------------------------------------------------------------------------------
 
@@ -96,7 +104,37 @@ class SessionManager:
         """Reset the idle timer; Gone if the session has ended."""
         session.check_accepts(self._config.settings.session_max_lifetime_seconds, queue_max=1 << 30)
         session.touch()
+        session.changed()  # the idle timer must survive a restart too
         self._wake(session)
+
+    def output(self, session: Session) -> WorkerOutput | None:
+        """What the session's current worker has written (container output and `log` lines); None without one."""
+        worker = self._workers.get(session.id)
+        return None if worker is None else worker.output
+
+    def adopt(self, session: Session, worker: SessionWorker, user: WorkerUser) -> None:
+        """Run a session whose worker survived gpud's restart and is ready again (gpud/work/sessions/adopt.py):
+        its GPU is leased, its uid reserved, its model held; from here it lives like any other."""
+        self._users[session.id] = user
+        self._workers[session.id] = worker
+        self.registry.add(session)
+        self._wakeups[session.id] = asyncio.Event()
+        self._lives[session.id] = asyncio.create_task(self._life(session, None, worker), name=f"session-{session.id}")
+
+    def worker_for(self, session: Session, first_task_id: str, model_dir: Path, user: WorkerUser) -> SessionWorker:
+        """A worker for the session (not started): its socket directory, the SDK, the reconnect time."""
+        return SessionWorker(
+            self._runtime,
+            session.preset,
+            session.id,
+            first_task_id,
+            session.lease,
+            model_dir,
+            self._socket_root / session.id[:16],
+            self._sdk_dir,
+            user,
+            reconnect_seconds=self._config.settings.worker_reconnect_seconds,
+        )
 
     async def kill(self, session: Session, reason: str = "killed") -> None:
         """End the session: running and queued tasks finish as cancelled; returns once the container is gone."""
@@ -127,11 +165,13 @@ class SessionManager:
 
     # --- a session's life -------------------------------------------------------------------------------
 
-    async def _life(self, session: Session, first: Task) -> None:
-        worker: SessionWorker | None = None
+    async def _life(self, session: Session, first: Task | None, worker: SessionWorker | None = None) -> None:
+        """Start a worker for `first` (or take an adopted, ready one), run the queue, tear down."""
         crash: WorkerCrashed | None = None
         try:
-            worker = await self._start(session, first)
+            if worker is None:
+                assert first is not None
+                worker = await self._start(session, first)
             while (task := await self._next_task(session, worker)) is not None:
                 worker = await self._run(session, worker, task)
         except WorkerCrashed as exc:
@@ -156,17 +196,7 @@ class SessionManager:
         """Fetch the model and image, start the worker, wait for ready, then tell the waiting tasks."""
         model_dir = await self._store.ensure(first.request.model_id, model_progress(first), holder=session.id)
         await self._runtime.ensure_image(session.preset.image, image_progress(first))
-        worker = SessionWorker(
-            self._runtime,
-            session.preset,
-            session.id,
-            first.id,
-            session.lease,
-            model_dir,
-            self._socket_root / session.id[:16],
-            self._sdk_dir,
-            self._users[session.id],
-        )
+        worker = self.worker_for(session, first.id, model_dir, self._users[session.id])
         self._workers[session.id] = worker
 
         def created(container_id: str) -> None:
@@ -220,7 +250,7 @@ class SessionManager:
             session.announce_positions()
             task.mark_running()
             task.emit(EventType.WORKER, status="working", container_id=session.container_id, session_id=session.id)
-            worker.on_output = _output_to(task)
+            worker.on_output = output_to(task)
             try:
                 outcome = await TaskRun(session, worker, task, self._wakeups[session.id], self._clock).run()
             finally:
@@ -250,7 +280,8 @@ class SessionManager:
         logger.warning("session %s: worker did not stop task %s in time; restarting it", session.id, task.id)
         session.move(SessionState.STARTING)
         session.restarts += 1
-        await old.stop()
+        if not await old.stop() and old.container_id is not None:  # removed later; the session keeps the GPU
+            self._removals.hold_all([old.container_id], f"session {session.id}", lambda: None)
         self._store.release(session.preset.model_id, session.id)
         for queued in session.queue:
             queued.emit(EventType.LOGS, stream="gpud", line="session worker is restarting (a task would not stop)")
@@ -262,65 +293,43 @@ class SessionManager:
     async def _teardown(self, session: Session, worker: SessionWorker | None, crash: WorkerCrashed | None) -> None:
         """Stop the container and release model and GPU first, then finish the session's tasks. Each step runs
         even if one before it fails (or the teardown is cancelled): the tasks always end, the GPU always returns."""
-        removed = False  # until the containers are known to be gone, the worker's uid stays reserved
+        stuck: list[SessionWorker] | None = None  # workers whose containers the engine did not remove
         try:
             if crash is None and session.state is not SessionState.STOPPING and not session.is_over:
-                with _logged(f"session {session.id}: marking it stopping"):
+                with logged(f"session {session.id}: marking it stopping"):
                     session.move(SessionState.STOPPING)
             # The latest worker may differ from the one the loop held (a restart that failed half way): stop both.
             latest = self._workers.pop(session.id, None)
-            removed = True
-            for each in {w for w in (worker, latest) if w is not None}:
-                removed &= await each.stop()
+            stuck = [each for each in {w for w in (worker, latest) if w is not None} if not await each.stop()]
         finally:
-            with _logged(f"session {session.id}: releasing its model"):
-                self._store.release(session.preset.model_id, session.id)
-            with _logged(f"session {session.id}: releasing its GPU"):
-                self._scheduler.release(session.lease)
-            with _logged(f"session {session.id}: releasing its worker uid"):
-                self._release_user(session.id, removed)
-            with _logged(f"session {session.id}: ending its tasks"):
-                self._end_tasks(session, crash)
+            with logged(f"session {session.id}: releasing its model, GPU and worker uid"):
+                self._release(session, stuck)
+            with logged(f"session {session.id}: ending its tasks"):
+                end_tasks(session, crash)
             self._lives.pop(session.id, None)
             self._wakeups.pop(session.id, None)
 
-    def _end_tasks(self, session: Session, crash: WorkerCrashed | None) -> None:
-        if crash is not None:
-            self._fail(session, crash)
-            return
-        reason = session.stop_reason or "stopped"
-        session.end_reason = reason
-        for task in [session.current, *session.queue]:
-            if task is not None:
-                task.finish(TaskStatus.CANCELLED, error=stop_error(reason))
-        session.queue.clear()
-        if not session.is_over:
-            session.move(SessionState.STOPPED)
-
-    def _fail(self, session: Session, crash: WorkerCrashed) -> None:
-        message = crash.describe()
-        logger.warning("session %s failed: %s", session.id, message)
-        exit_code = crash.status.exit_code if crash.status else None
-        for task in (crash.task, session.current):
-            if task is not None:
-                task.finish(TaskStatus.FAILED, error=TaskError(crash.code, message), exit_code=exit_code)
-        session.end_reason = "worker_crashed"
-        session.drop_queued(TaskStatus.FAILED, TaskError("session_failed", f"the session's worker failed: {message}"))
-        if not session.is_over:
-            session.move(SessionState.FAILED)
-
     # --- helpers ---------------------------------------------------------------------------------------
 
-    def _release_user(self, session_id: str, removed: bool) -> None:
-        user = self._users.pop(session_id, None)
-        if user is None:
-            return
-        if removed:
-            self._ids.release(user)
-        else:  # a worker that may still run keeps its uid: the next holder must not share it
-            logger.warning(
-                "session %s: uid %d stays reserved (its container could not be removed)", session_id, user.uid
-            )
+    def _release(self, session: Session, stuck: list[SessionWorker] | None) -> None:
+        """Model, GPU and uid go back once the containers are gone: now, or when a later removal succeeds (the
+        GPU now if they were seen to exit). A worker that may still run keeps them: none is ever held twice."""
+        user = self._users.pop(session.id, None)
+
+        def gone() -> None:  # each step on its own: one failing must not keep the others
+            with logged(f"session {session.id}: releasing its GPU"):
+                self._scheduler.release(session.lease)
+            with logged(f"session {session.id}: releasing its model"):
+                self._store.release(session.preset.model_id, session.id)
+            if user is not None and stuck is not None:  # after an interrupted teardown, the uid stays reserved
+                self._ids.release(user)
+
+        ids = [w.container_id for w in stuck or [] if w.container_id is not None]
+        if ids:
+            if all(w.seen_exit for w in stuck or []):
+                self._scheduler.release(session.lease)
+            logger.warning("session %s: its GPU and uid stay reserved until its container is removed", session.id)
+        self._removals.hold_all(ids, f"session {session.id}", gone)
 
     def _wake(self, session: Session) -> None:
         wake = self._wakeups.get(session.id)
@@ -337,26 +346,3 @@ class SessionManager:
                 self._wake(session)  # the supervisor sees task.cancel_reason and tells the worker
 
         task.cancel_hook = cancel
-
-
-@contextlib.contextmanager
-def _logged(step: str) -> Iterator[None]:
-    """Run one teardown step; a failure is logged, not raised, so the steps after it still run."""
-    try:
-        yield
-    except Exception:
-        logger.exception("%s failed", step)
-
-
-def _output_to(task: Task) -> Callable[[LogLine], None]:
-    """Container output (outside the protocol) goes to the running task as `logs` events."""
-
-    long_lines = LongLines()  # an over-long line arrives in pieces: one cut log line for all of them
-
-    def forward(line: LogLine) -> None:
-        stream = "stdout" if line.stream is Stream.STDOUT else "stderr"
-        whole = long_lines.feed(stream, line.line, line.partial)
-        if whole is not None:
-            task.log.append_line(stream, *whole)
-
-    return forward

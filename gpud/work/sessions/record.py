@@ -5,8 +5,9 @@ from __future__ import annotations
 import collections
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gpud.clock import Clock, wall_of
 from gpud.errors import Busy, Gone, NotFound
@@ -72,6 +73,8 @@ class Session:
     ready_info: dict[str, Any] = field(default_factory=dict)
     # Set to a reason code when the session must end (kill, idle, lifetime, shutdown).
     stop_reason: str | None = None
+    # Called when the session changes in a way worth recording (the registry records it).
+    on_change: Callable[[Session], None] | None = None
 
     def __post_init__(self) -> None:
         self.created = self.last_active = self.clock.monotonic()
@@ -84,6 +87,13 @@ class Session:
         self.state = to
         if to in ENDED:
             self.ended = self.clock.monotonic()
+        if to is not SessionState.WORKING:  # READY after a task records its counters; WORKING adds nothing
+            self.changed()
+
+    def changed(self) -> None:
+        """Tell the recorder the session changed (state, counters, last activity)."""
+        if self.on_change is not None:
+            self.on_change(self)
 
     @property
     def is_over(self) -> bool:
@@ -150,19 +160,36 @@ class Session:
         }
 
 
-class SessionRegistry:
-    """Live sessions, and ended ones for a while (so their id answers 410, not 404)."""
+class SessionRecords(Protocol):
+    """Where sessions are recorded durably (gpud.work.journal)."""
 
-    def __init__(self) -> None:
+    def session_changed(self, session: Session) -> None:
+        """Record the session as it is now."""
+
+    def stored_session(self, session_id: str) -> Session | None:
+        """An ended session rebuilt from its record, or None."""
+
+
+class SessionRegistry:
+    """Live sessions, and ended ones for a while (so their id answers 410, not 404); with `records`, each session
+    is recorded as it changes, and one no longer in memory is read back from there."""
+
+    def __init__(self, records: SessionRecords | None = None) -> None:
         self._sessions: dict[str, Session] = {}
+        self._records = records
 
     def add(self, session: Session) -> None:
         """Register a new session."""
         self._sessions[session.id] = session
+        if self._records is not None:
+            session.on_change = self._records.session_changed
+            session.changed()
 
     def get(self, session_id: str) -> Session:
-        """The session, or NotFound."""
+        """The session, or NotFound (one no longer in memory is read back from the records)."""
         session = self._sessions.get(session_id)
+        if session is None and self._records is not None:
+            session = self._records.stored_session(session_id)
         if session is None:
             raise NotFound(f"no session {session_id!r}", code="session_not_found")
         return session

@@ -111,9 +111,10 @@ class TaskRun:
             elif event.type == "text":
                 task.set_text(_text(data.get("text")))
             elif event.type == "log":
-                line = _text(data.get("line"))
+                line, stream = _text(data.get("line")), _name(data.get("stream"), "worker")
                 worker.tail.append(line[:TAIL_LINE_CHARS])  # quoted if the worker crashes, like its container output
-                task.emit(EventType.LOGS, stream=_name(data.get("stream"), "worker"), line=line)
+                worker.output.add(stream, line, task_id=task.id)  # for `gpuctl logs`, among its container output
+                task.emit(EventType.LOGS, stream=stream, line=line)
             elif event.type == "progress":
                 task.emit(EventType.PROGRESS, **progress_fields(data))
             elif event.type == "result":

@@ -11,17 +11,21 @@ from pathlib import Path
 from typing import Any
 
 from gpud.gpu.scheduler import Lease
-from gpud.runtime.base import ContainerNotFound, ContainerRuntime, ExitStatus, LogLine, Mount
+from gpud.runtime.base import ContainerNotFound, ContainerRuntime, EngineUnavailable, ExitStatus, LogLine, Mount
 from gpud.runtime.spec import build_spec
 from gpud.settings.presets import Preset
 from gpud.work.launch import STOP_GRACE_SECONDS, gpu_device, log_tail, quote_tail
+from gpud.work.outage import OutputFollower, wait_exit
+from gpud.work.sessions.output import WorkerOutput
 from gpud.work.task import Task
 from gpud.work.uids import WorkerUser
 from gpud.worker import session_worker_env
 from gpud.worker.channel import ReadyInfo, WorkerChannel, WorkerError
-from gpud.worker.protocol import CONTAINER_SDK_DIR, CONTAINER_SOCKET_DIR
+from gpud.worker.protocol import CONTAINER_SDK_DIR, CONTAINER_SOCKET_DIR, DEFAULT_RECONNECT_SECONDS
 
 logger = logging.getLogger(__name__)
+
+LOST = "worker_lost"  # the code of an adopted session whose worker did not come back after gpud's restart
 
 
 class WorkerCrashed(Exception):
@@ -49,6 +53,11 @@ class WorkerCrashed(Exception):
         return text + quote_tail(self.tail)
 
 
+def _lost(crash: WorkerCrashed) -> WorkerCrashed:
+    crash.code = LOST
+    return crash
+
+
 class SessionWorker:
     """Starts a long-lived worker container speaking the worker protocol, and stops it."""
 
@@ -63,6 +72,8 @@ class SessionWorker:
         socket_dir: Path,
         sdk_dir: Path,
         user: WorkerUser,
+        *,
+        reconnect_seconds: float = DEFAULT_RECONNECT_SECONDS,
     ) -> None:
         self._runtime = runtime
         self._preset = preset
@@ -73,11 +84,13 @@ class SessionWorker:
         self._socket_dir = socket_dir
         self._sdk_dir = sdk_dir
         self._user = user
+        self._reconnect_seconds = reconnect_seconds
         # Only the worker's uid may enter the socket's directory and connect (the channel checks SO_PEERCRED).
         self.channel = WorkerChannel(socket_dir, uid=user.uid, gid=user.gid)
         self.container_id: str | None = None
         self.ready: ReadyInfo | None = None
         self.tail = log_tail()
+        self.output = WorkerOutput()  # all it wrote, for `gpuctl logs` (the session adds its protocol log lines)
         self.exited: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
         self._background: list[asyncio.Task[None]] = []
         # Where container output goes while a task runs (the session points it at the current task).
@@ -97,7 +110,7 @@ class SessionWorker:
                 Mount(str(self._socket_dir), CONTAINER_SOCKET_DIR, read_only=False),
                 Mount(str(self._sdk_dir), CONTAINER_SDK_DIR, read_only=True),
             ],
-            env=session_worker_env(self._preset.env.get("PYTHONPATH")),
+            env=session_worker_env(self._preset.env.get("PYTHONPATH"), self._reconnect_seconds),
             stop_grace_seconds=STOP_GRACE_SECONDS,
         )
         self.container_id = await self._runtime.run(spec)
@@ -117,6 +130,32 @@ class SessionWorker:
             raise await self.crash(f"worker did not become ready: {exc}") from None
         return self.ready
 
+    async def reattach(self, container_id: str, timeout: float) -> ReadyInfo:
+        """Take over a running container that a previous gpud started: re-create its socket in place (adopt),
+        follow its output and exit, and wait up to `timeout` for its worker to reconnect and say ready again (its
+        model still loaded). Raises WorkerCrashed with code `worker_lost` when it does not come back or exits."""
+        self.container_id = container_id
+        try:
+            await self.channel.start(adopt=True)
+        except OSError as exc:
+            raise WorkerCrashed(f"cannot re-create the worker's socket: {exc}", None, [], code=LOST) from None
+        self._background = [asyncio.create_task(self._pump()), asyncio.create_task(self._watch_exit())]
+        ready: asyncio.Future[Any] = asyncio.ensure_future(self.channel.wait_ready(timeout))
+        exited: asyncio.Future[Any] = self.exited
+        await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            raise _lost(await self.crash("worker exited before it reconnected"))
+        try:
+            self.ready = ready.result()
+        except WorkerError as exc:
+            if not self.exited.done():  # still running but silent: no need to wait for an exit status
+                raise WorkerCrashed(f"worker did not reconnect: {exc}", None, list(self.tail), code=LOST) from None
+            raise _lost(await self.crash(f"worker did not reconnect: {exc}")) from None
+        if not self.ready.resumed:
+            logger.warning("session %s: the adopted worker did not resume; it said ready anew", self._session_id)
+        return self.ready
+
     async def crash(self, message: str) -> WorkerCrashed:
         """A WorkerCrashed with the exit status (waiting briefly for it) and the last output lines."""
         status = None
@@ -128,20 +167,27 @@ class SessionWorker:
 
     async def _pump(self) -> None:
         assert self.container_id is not None
+        # Followed across engine outages (gpud/work/outage.py): the worker talks to gpud over its socket, not
+        # through the engine, so it goes on serving while the engine does not answer.
+        follower = OutputFollower(self._runtime, self.container_id, f"session {self._session_id}")
         with contextlib.suppress(Exception):
-            async for line in self._runtime.logs(self.container_id, follow=True):
+            async for line in follower:
                 self.tail.append(line.line)
+                self.output.add(line.stream.value, line.line, partial=line.partial)
                 if self.on_output is not None:
                     self.on_output(line)
 
     async def _watch_exit(self) -> None:
         assert self.container_id is not None
-        try:
-            status = await self._runtime.wait(self.container_id)
-        except Exception as exc:  # the engine went away: treat as an exit of unknown code
-            status = ExitStatus(exit_code=-1, error=str(exc))
+        # An engine that stops answering is not an exit: the wait goes on until it answers again.
+        status = await wait_exit(self._runtime, self.container_id, f"session {self._session_id}")
         if not self.exited.done():
             self.exited.set_result(status)
+
+    @property
+    def seen_exit(self) -> bool:
+        """Whether the container was seen to exit (it no longer runs on its GPU)."""
+        return self.exited.done() and not self.exited.cancelled()
 
     async def stop(self) -> bool:
         """Ask the worker to exit, then stop and remove its container; never raises. False when the container
@@ -151,6 +197,9 @@ class SessionWorker:
         if self.container_id is not None:
             try:
                 await asyncio.shield(self._stop_container(self.container_id))
+            except EngineUnavailable as exc:
+                removed = False
+                logger.warning("session %s: could not stop container %s: %s", self._session_id, self.container_id, exc)
             except Exception:
                 removed = False
                 logger.exception("could not remove session %s container %s", self._session_id, self.container_id)
@@ -158,6 +207,7 @@ class SessionWorker:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.channel.close()
+        self.output.close()
         with contextlib.suppress(OSError):
             shutil.rmtree(self._socket_dir)
         if not self.exited.done():
