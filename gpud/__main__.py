@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ CONFIG_OPTION = click.option(
     default=None,
     help="YAML settings file (default /etc/gpud/gpud.yaml, or $GPUD_CONFIG).",
 )
+# The exit status of a configuration error: the unit's RestartPreventExitStatus= names it, so a configuration that
+# cannot start is not restarted in a loop.
+EXIT_CONFIG = 2
+
 DEV_OPTION = click.option(
     "--dev",
     is_flag=True,
@@ -57,11 +62,15 @@ def run(config_file: Path | None, dev: bool, **flags: Any) -> None:
     try:
         code = asyncio.run(Daemon(request, settings).run())
     except (AlreadyRunning, UnsafeSocketDirectory) as exc:
-        click.echo(f"gpud: {exc}", err=True)
+        _fatal(str(exc))
         sys.exit(1)
     except ConfigError as exc:
         _print_problems(exc)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
+    except Exception:
+        # Logged rather than left to Python: under journald a bare traceback would land at info priority.
+        logging.getLogger("gpud").critical("gpud stopped on an unexpected error", exc_info=True)
+        sys.exit(1)
     sys.exit(code)
 
 
@@ -70,16 +79,25 @@ def run(config_file: Path | None, dev: bool, **flags: Any) -> None:
 @DEV_OPTION
 def check_config(config_file: Path | None, dev: bool) -> None:
     """Validate settings and the presets file; print one line per problem."""
+    from gpud.gpu.inventory import open_inventory
     from gpud.settings.presets import load_presets
 
     settings = _load_or_exit(lambda: load_settings(config_file, dev=dev))
     try:
         catalog = load_presets(settings.presets_file)
+        # The GPUs are resolved as `gpud run` resolves them (NVML, or the static fallback), so a configuration that
+        # passes here does not then stop `gpud run` with a GPU problem.
+        inventory = open_inventory(settings.gpu_backend, settings.gpu_device_ids, settings.gpu_device_difficulty)
     except ConfigError as exc:
         _print_problems(exc)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
+    inventory.close()
     source = settings.config_file or "built-in defaults and environment"
-    click.echo(f"configuration OK ({source}); {len(catalog.all())} preset(s) in {catalog.source}")
+    gpus = ", ".join(f"{gpu.index}:{gpu.difficulty}" for gpu in inventory.gpus)
+    click.echo(
+        f"configuration OK ({source}); {len(catalog.all())} preset(s) in {catalog.source}; "
+        f"{inventory.backend} GPU(s) {gpus}"
+    )
 
 
 @cli.command("settings")
@@ -108,13 +126,22 @@ def _load_or_exit(load: Any) -> Settings:
         settings: Settings = load()
     except ConfigError as exc:
         _print_problems(exc)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     return settings
 
 
 def _print_problems(exc: ConfigError) -> None:
     for problem in exc.problems:
-        click.echo(f"gpud: config error: {problem}", err=True)
+        _fatal(f"config error: {problem}")
+
+
+def _fatal(message: str) -> None:
+    """One line on stderr; at priority err (`<3>`) when stderr is the journal, so `journalctl -p err` shows it."""
+    from gpud.daemon.logs import journal_prefix
+
+    prefix = journal_prefix(3)
+    # A YAML error spans lines: each keeps the priority (journald reads the prefix per line).
+    click.echo("\n".join(f"{prefix}gpud: {line}" for line in message.splitlines() or [""]), err=True)
 
 
 def main() -> None:

@@ -14,13 +14,8 @@ trap cleanup EXIT
 eval "$(scripts/engines.sh env)"
 scripts/build-images.sh
 
-# The dev configuration reads models from its own cache and fetches nothing: place the demo model there
-# the way an operator places one by hand.
-state="${XDG_STATE_HOME:-$HOME/.local/state}/gpud"
-mkdir -p "$state/models/demo-text"
-cp examples/models/demo-text/* "$state/models/demo-text/"
-chmod -R a+rX "$state/models"
-
+# The dev configuration fetches no models: `gpud run --dev` places the demo model (examples/models/demo-text)
+# in its own cache when it is missing.
 port="${GPUD_DEMO_PORT:-8001}"
 GPUD_RUNTIME=podman GPUD_RUNTIME_SOCKET="$GPUD_TEST_PODMAN_SOCKET" \
   .venv/bin/gpud run --dev --listen "127.0.0.1:$port" &

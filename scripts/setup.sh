@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(podman runc docker.io mmdebstrap curl util-linux procps)
+APT_PACKAGES=(podman runc docker.io docker-compose mmdebstrap curl util-linux procps)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -26,5 +26,10 @@ want="$(sha256sum setup.py pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[dev]'
+  # gpud once required the deprecated `pynvml` package, whose import hook warns on every start; nvidia-ml-py
+  # (now required) ships the same module, so a venv made before the switch drops the old package.
+  if .venv/bin/pip show -q pynvml >/dev/null 2>&1; then
+    .venv/bin/pip uninstall -q -y pynvml
+  fi
   echo "$want" >"$stamp"
 fi

@@ -36,8 +36,13 @@ def peer_credentials(request: web.Request) -> PeerCredentials | None:
 class PeerPolicy:
     """Admits root, the daemon's own user, and members (primary or supplementary) of the socket's group."""
 
-    def __init__(self, group: str | None) -> None:
-        self._gid = grp.getgrnam(group).gr_gid if group else None
+    def __init__(self, group: str | None = None, *, gid: int | None = None) -> None:
+        self._gid = grp.getgrnam(group).gr_gid if group else gid
+
+    @property
+    def gid(self) -> int | None:
+        """The group whose members are admitted, if any."""
+        return self._gid
 
     def admits(self, peer: PeerCredentials) -> bool:
         """Whether this peer may use the admin API."""

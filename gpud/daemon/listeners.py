@@ -74,6 +74,25 @@ def bind_admin_socket(path: Path, group: str | None) -> UnixListener:
     return UnixListener(path, sock, os.stat(path).st_ino)
 
 
+def passed_socket_group(sock: socket.socket) -> int | None:
+    """The group that owns a socket file systemd passed (SocketGroup=), when its mode lets that group connect.
+
+    Whoever set up the socket unit chose who may connect; gpud admits the same group, so SocketGroup= alone is enough
+    and admin_socket_group need not repeat it.
+    """
+    path = sock.getsockname()
+    if not isinstance(path, str) or not path or path.startswith("\0"):
+        return None  # unnamed or abstract: no file, so no group
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        logger.warning("cannot read the passed admin socket %s (%s); admitting root only", path, exc.strerror)
+        return None
+    if not info.st_mode & stat.S_IWGRP:
+        return None
+    return info.st_gid
+
+
 def _make_dirs(directory: Path, group: str | None) -> None:
     """Create the missing directories down to `directory`: 0755, or 0750 owned by the admin group."""
     mode = 0o750 if group else 0o755

@@ -61,6 +61,13 @@ class JournalFormatter(SafeFormatter):
         return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
 
 
+def journal_prefix(priority: int, environ: Mapping[str, str] | None = None) -> str:
+    """`<N>` when stderr goes to the journal (JOURNAL_STREAM set), else nothing: for lines written before (or
+    without) the logging set-up, such as a configuration error that stops gpud."""
+    environ = os.environ if environ is None else environ
+    return f"<{priority}>" if environ.get("JOURNAL_STREAM") else ""
+
+
 def setup_logging(level: str, environ: Mapping[str, str] | None = None) -> None:
     """Configure the root logger once for the process."""
     environ = os.environ if environ is None else environ

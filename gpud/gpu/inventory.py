@@ -175,14 +175,30 @@ def open_inventory(
             if backend == "nvml":
                 raise ConfigError([f"gpu_backend: nvml: NVML did not load: {exc}"]) from exc
             logger.warning("NVML did not load (%s); falling back to the static GPU backend", exc)
+            device_ids = device_ids or _fallback_ids(difficulty)
     if not device_ids:
-        raise ConfigError(["gpu_device_ids: no NVML and no GPU_DEVICE_IDS: declare the GPUs (e.g. 0,1)"])
+        raise ConfigError(["gpu_device_ids: the static GPU backend needs GPU_DEVICE_IDS: declare the GPUs (e.g. 0,1)"])
     gpus = [
         Gpu(i, f"GPU-static-{i}", f"static GPU {i}", difficulty.get(i, DEFAULT_DIFFICULTY), real=False)
         for i in device_ids
     ]
     logger.info("static GPU backend: %s", ", ".join(f"{g.index}:{g.difficulty}" for g in gpus))
     return GpuInventory(gpus, backend="static")
+
+
+def _fallback_ids(difficulty: Mapping[int, str]) -> tuple[int, ...]:
+    """GPUs to declare when `auto` finds no NVML and none were named: those tagged, else GPU 0.
+
+    So a configuration that leaves GPU_DEVICE_IDS to NVML (the shipped one) still starts on a host without NVIDIA's
+    driver, as a static GPU that attaches nothing; `gpu_backend: nvml` refuses to start instead.
+    """
+    ids = tuple(sorted(difficulty)) or (0,)
+    logger.warning(
+        "no GPU_DEVICE_IDS either: declaring static GPU(s) %s (set gpu_device_ids to choose, or gpu_backend: nvml "
+        "to refuse to start without NVML)",
+        ",".join(map(str, ids)),
+    )
+    return ids
 
 
 def _import_pynvml() -> ModuleType:

@@ -200,3 +200,39 @@ def test_shipped_example_configuration_is_valid() -> None:
 def test_dev_mode_allows_the_example_image() -> None:
     s = config.load(None, environ={}, dev=True)
     assert s.allowed_docker_images.allows("gpud-worker-python:latest")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("/run/podman/podman.sock", "/run/podman/podman.sock"),
+        ("unix:///run/podman/podman.sock", "/run/podman/podman.sock"),  # CONTAINER_HOST's form
+        ("UNIX:///var/run/docker.sock", "/var/run/docker.sock"),  # DOCKER_HOST's, any case
+        ("", None),  # the engine's default
+    ],
+)
+def test_runtime_socket_takes_a_path_or_a_unix_url(value: str, expected: str | None) -> None:
+    assert config.load(None, environ={"GPUD_RUNTIME_SOCKET": value}).runtime_socket == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["tcp://127.0.0.1:2375", "ssh://host/run/podman.sock", "unix://relative.sock", "unix://", "x.sock"]
+)
+def test_runtime_socket_refuses_anything_but_a_local_unix_socket(value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load(None, environ={"GPUD_RUNTIME_SOCKET": value})
+    assert err.value.problems == [
+        f"env GPUD_RUNTIME_SOCKET: runtime_socket: expected a Unix socket: an absolute path (/run/podman/podman.sock)"
+        f" or unix:///path, got {value!r} (gpud talks to the engine only over its local Unix socket)"
+    ]
+
+
+def test_dev_state_is_where_worker_uids_can_reach_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config.load(None, environ={"XDG_STATE_HOME": str(tmp_path)}, dev=True).state_dir == tmp_path / "gpud"
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    s = config.load(None, environ={}, dev=True)
+    assert s.state_dir == Path("/var/lib/gpud-dev")  # root's home (0700) would lock the workers' uids out
+    assert s.model_cache_dir == Path("/var/lib/gpud-dev/models")
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.setenv("HOME", "/home/dev")
+    assert config.load(None, environ={}, dev=True).state_dir == Path("/home/dev/.local/state/gpud")
