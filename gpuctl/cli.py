@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import urllib.parse
 
 import click
 
 from gpuctl.client import resolve_socket
-from gpuctl.context import App, ExitCode, GpuctlGroup, environ, output_option, pass_app, show
+from gpuctl.context import (
+    FORMAT_HELP,
+    FORMATS,
+    App,
+    ExitCode,
+    GpuctlGroup,
+    describe,
+    environ,
+    output_option,
+    pass_app,
+    render,
+    show,
+)
 from gpuctl.output import cell
+from gpuctl.watch import repeat, watch_options
 from gpuctl.work import logs, sessions, submit, tasks
 
 # Read from gpud/__init__.py without importing it would be nicer, but that module is a single constant: cheap.
@@ -28,10 +42,13 @@ def _q(value: str) -> str:
     metavar="PATH",
     help="gpud's admin socket [default: $GPUD_SOCKET, else /run/gpud/gpud.sock, else the `gpud run --dev` socket]",
 )
+@click.option(
+    "-o", "--output", "fmt", type=click.Choice(FORMATS), default=None, help=f"{FORMAT_HELP}, for every command"
+)
 @click.pass_context
-def cli(ctx: click.Context, socket_path: str | None) -> None:
+def cli(ctx: click.Context, socket_path: str | None, fmt: str | None) -> None:
     """Operate a gpud host over its admin Unix socket."""
-    ctx.obj = App(resolve_socket(socket_path, environ()))
+    ctx.obj = App(resolve_socket(socket_path, environ()), fmt)
 
 
 @cli.command()
@@ -41,14 +58,39 @@ def version() -> None:
 
 
 @cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+@click.pass_context
+def completion(ctx: click.Context, shell: str) -> None:
+    """Print the shell completion script for SHELL (bash, zsh or fish).
+
+    \b
+    bash (~/.bashrc):   eval "$(gpuctl completion bash)"
+    zsh (~/.zshrc):     eval "$(gpuctl completion zsh)"
+    fish:               gpuctl completion fish > ~/.config/fish/completions/gpuctl.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    completer = get_completion_class(shell)
+    assert completer is not None  # click knows all three
+    click.echo(completer(ctx.find_root().command, {}, "gpuctl", "_GPUCTL_COMPLETE").source())
+
+
+@cli.command()
 @output_option
+@watch_options
 @pass_app
-def status(app: App, fmt: str) -> None:
+def status(app: App, fmt: str, watch: float | None, count: int | None) -> None:
     """Health, version, uptime, runtime, GPUs, sessions and tasks."""
-    # /health answers 503 with the full report when degraded: that is a result to show, not an error.
-    health = app.client().request("GET", "/health", accept=(503,))
+
+    def health() -> object:
+        # /health answers 503 with the full report when degraded: that is a result to show, not an error.
+        return app.client().request("GET", "/health", accept=(503,))
+
     where = f"{app.socket.path} ({app.socket.source})"
-    show(app, fmt, health, "status", socket=where)
+    if watch is None:
+        show(app, fmt, health(), "status", socket=where)
+        return
+    repeat("gpuctl status", watch, count, fmt, health, functools.partial(render, app, "status", socket=where), describe)
 
 
 @cli.command()

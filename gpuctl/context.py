@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from gpuctl.client import ApiError, Client, ClientError, SocketChoice, StreamLost, Unreachable, UntrustedSocket
+from gpuctl.ids import AmbiguousId
 from gpuctl.output import Style, colour_enabled, dump_json
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,6 +35,7 @@ class App:
     """Per-invocation state handed to every command through click's context."""
 
     socket: SocketChoice
+    fmt: str | None = None  # `gpuctl -o FORMAT ...`: the output format when a command is not given its own
 
     def client(self) -> Client:
         """A client for the chosen socket."""
@@ -53,16 +55,28 @@ class App:
 pass_app = click.make_pass_decorator(App)
 
 
+FORMATS = ("table", "json")
+FORMAT_HELP = "table for people, json (stable, see docs/gpuctl.md) for scripts"
+
+
+def _format(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    """The command's own -o, else the one given before the subcommand (`gpuctl -o json sessions ls`), else table."""
+    if value is not None:
+        return value
+    app = ctx.find_object(App)
+    return app.fmt if app is not None and app.fmt else "table"
+
+
 def output_option(func: F) -> F:
-    """`-o table|json` on a command."""
+    """`-o table|json` on a command (it may also come before the subcommand)."""
     option = click.option(
         "-o",
         "--output",
         "fmt",
-        type=click.Choice(["table", "json"]),
-        default="table",
-        show_default=True,
-        help="table for people, json (stable, see docs/gpuctl.md) for scripts",
+        type=click.Choice(FORMATS),
+        default=None,
+        callback=_format,
+        help=f"{FORMAT_HELP} [default: table, or gpuctl's own -o]",
     )
     return option(func)
 
@@ -75,11 +89,16 @@ def show(app: App, fmt: str, value: Any, view: str | Renderer, key: str | None =
     if fmt == "json":
         dump_json(value)
         return
-    if isinstance(view, str):
-        from gpuctl import render
+    click.echo(render(app, view, value, key, **options))
 
-        view = functools.partial(getattr(render, view), **options)
-    click.echo(view(value[key] if key else value, app.out_style))
+
+def render(app: App, view: str | Renderer, value: Any, key: str | None = None, **options: Any) -> str:
+    """The daemon's object for people, drawn by `view` (a gpuctl.render function name, or a callable)."""
+    if isinstance(view, str):
+        from gpuctl import render as views
+
+        view = functools.partial(getattr(views, view), **options)
+    return view(value[key] if key else value, app.out_style)
 
 
 def warn(app: App, message: str) -> None:
@@ -106,6 +125,11 @@ def exit_code_for(app: App, exc: ClientError) -> ExitCode:
     if isinstance(exc, StreamLost):
         warn(app, str(exc))
         return ExitCode.UNREACHABLE
+    if isinstance(exc, AmbiguousId):
+        warn(app, f"{exc}; give more of it:")
+        for line in exc.lines():
+            click.echo(line, err=True)
+        return ExitCode.USAGE
     if isinstance(exc, ApiError):
         warn(app, f"{exc.code}: {exc.message} (HTTP {exc.status})")
         if exc.code == "peer_not_allowed":
@@ -125,6 +149,15 @@ class GpuctlGroup(click.Group):
         except ClientError as exc:
             app = ctx.find_object(App) or App(SocketChoice("?", "?"))
             raise click.exceptions.Exit(exit_code_for(app, exc)) from None
+
+
+def describe(exc: ClientError) -> str:
+    """A client error as one line, for a --watch frame (which keeps going)."""
+    if isinstance(exc, Unreachable):
+        return f"gpuctl: cannot reach gpud at {exc.path}: {exc.reason} (still watching)"
+    if isinstance(exc, ApiError):
+        return f"gpuctl: {exc.code}: {exc.message} (HTTP {exc.status})"
+    return f"gpuctl: {exc}"
 
 
 def environ() -> Mapping[str, str]:

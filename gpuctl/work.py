@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import urllib.parse
@@ -12,11 +13,16 @@ from typing import Any
 import click
 
 from gpuctl.client import SseEvent
-from gpuctl.context import App, ExitCode, output_option, pass_app, show, warn
+from gpuctl.context import App, ExitCode, describe, output_option, pass_app, render, show, warn
+from gpuctl.ids import SESSION, TASK, completer, started, with_id
 from gpuctl.output import json_line
+from gpuctl.watch import repeat, watch_options
 
 # Task statuses that end gpuctl with exit code 4.
 FAILED_STATUSES = frozenset({"failed", "timeout", "cancelled"})
+# What `--state` / `--status` accept: the daemon's words, and one word for all those not ended.
+SESSION_STATES = {"live": ("starting", "ready", "working", "stopping"), "stopped": (), "failed": ()}
+TASK_STATUSES = {"active": ("queued", "running"), "completed": (), **{s: () for s in FAILED_STATUSES}}
 
 
 def _q(value: str) -> str:
@@ -31,40 +37,92 @@ def sessions() -> None:
     """Session workers: list, show, kill, keepalive."""
 
 
+def _choices(words: Mapping[str, tuple[str, ...]], *daemon_words: str) -> click.Choice:
+    return click.Choice(sorted({*words, *daemon_words}))
+
+
+def _wanted(values: tuple[str, ...], words: Mapping[str, tuple[str, ...]]) -> set[str]:
+    """The daemon's words for what was asked (`live` / `active` stand for several)."""
+    return {word for value in values for word in (words.get(value) or (value,))}
+
+
+def filtered(body: Mapping[str, Any], key: str, field: str, states: set[str], models: tuple[str, ...]) -> Any:
+    """The list under `key` keeping only items in one of `states` (if any) and of one of `models` (if any)."""
+    items = [
+        item
+        for item in body.get(key) or []
+        if (not states or item.get(field) in states) and (not models or item.get("model_id") in models)
+    ]
+    return {**body, key: items}
+
+
+def _list(app: App, fmt: str, watch: float | None, count: int | None, title: str, fetch: Any, key: str) -> None:
+    """Show a list once, or redraw it with --watch."""
+    if watch is None:
+        show(app, fmt, fetch(), key, key)
+        return
+    repeat(title, watch, count, fmt, fetch, functools.partial(render, app, key, key=key), describe)
+
+
+SESSION_ID = click.argument("session_id", shell_complete=completer(SESSION))
+TASK_ID = click.argument("task_id", shell_complete=completer(TASK))
+MODEL_FILTER = click.option("--model", "models", multiple=True, metavar="MODEL", help="only this model (repeatable)")
+
+
 @sessions.command("ls")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=_choices(SESSION_STATES, "starting", "ready", "working", "stopping"),
+    help="only sessions in this state (repeatable; live = not ended)",
+)
+@MODEL_FILTER
 @output_option
+@watch_options
 @pass_app
-def sessions_ls(app: App, fmt: str) -> None:
+def sessions_ls(
+    app: App, states: tuple[str, ...], models: tuple[str, ...], fmt: str, watch: float | None, count: int | None
+) -> None:
     """Live sessions and recently ended ones."""
-    body = app.client().get("/api/sessions")
-    show(app, fmt, body, "sessions", "sessions")
+    wanted = _wanted(states, SESSION_STATES)
+
+    def fetch() -> Any:
+        return filtered(app.client().get("/api/sessions"), "sessions", "state", wanted, models)
+
+    _list(app, fmt, watch, count, "gpuctl sessions ls", fetch, "sessions")
 
 
 @sessions.command("show")
-@click.argument("session_id")
+@SESSION_ID
 @output_option
 @pass_app
 def sessions_show(app: App, session_id: str, fmt: str) -> None:
-    """One session in full."""
-    show(app, fmt, app.client().get(f"/api/sessions/{_q(session_id)}"), "session")
+    """One session in full (SESSION_ID may be a unique prefix, as everywhere)."""
+    client = app.client()
+    show(app, fmt, with_id(client, SESSION, session_id, lambda sid: client.get(f"/api/sessions/{_q(sid)}")), "session")
 
 
 @sessions.command("kill")
-@click.argument("session_id")
+@SESSION_ID
 @output_option
 @pass_app
 def sessions_kill(app: App, session_id: str, fmt: str) -> None:
     """End a session: its running and queued tasks finish as cancelled, its worker is removed."""
-    show(app, fmt, app.client().delete(f"/api/sessions/{_q(session_id)}"), "session")
+    client = app.client()
+    body = with_id(client, SESSION, session_id, lambda sid: client.delete(f"/api/sessions/{_q(sid)}"))
+    show(app, fmt, body, "session")
 
 
 @sessions.command("keepalive")
-@click.argument("session_id")
+@SESSION_ID
 @output_option
 @pass_app
 def sessions_keepalive(app: App, session_id: str, fmt: str) -> None:
     """Reset a session's idle timer."""
-    show(app, fmt, app.client().post(f"/api/sessions/{_q(session_id)}/keepalive"), "session")
+    client = app.client()
+    body = with_id(client, SESSION, session_id, lambda sid: client.post(f"/api/sessions/{_q(sid)}/keepalive"))
+    show(app, fmt, body, "session")
 
 
 # ---- tasks ------------------------------------------------------------------------------------------------------
@@ -76,34 +134,44 @@ def tasks() -> None:
 
 
 @tasks.command("ls")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=_choices(TASK_STATUSES, "queued", "running"),
+    help="only tasks with this status (repeatable; active = queued or running)",
+)
+@MODEL_FILTER
 @output_option
 @pass_app
-def tasks_ls(app: App, fmt: str) -> None:
+def tasks_ls(app: App, statuses: tuple[str, ...], models: tuple[str, ...], fmt: str) -> None:
     """Active and recently finished tasks."""
     body = app.client().get("/api/tasks")
-    show(app, fmt, body, "tasks", "tasks")
+    show(app, fmt, filtered(body, "tasks", "status", _wanted(statuses, TASK_STATUSES), models), "tasks", "tasks")
 
 
 @tasks.command("show")
-@click.argument("task_id")
+@TASK_ID
 @output_option
 @pass_app
 def tasks_show(app: App, task_id: str, fmt: str) -> None:
-    """One task with its output and result."""
-    show(app, fmt, app.client().get(f"/api/tasks/{_q(task_id)}"), "task")
+    """One task with its output and result (TASK_ID may be a unique prefix, as everywhere)."""
+    client = app.client()
+    show(app, fmt, with_id(client, TASK, task_id, lambda tid: client.get(f"/api/tasks/{_q(tid)}")), "task")
 
 
 @tasks.command("cancel")
-@click.argument("task_id")
+@TASK_ID
 @output_option
 @pass_app
 def tasks_cancel(app: App, task_id: str, fmt: str) -> None:
     """Cancel a queued or running task."""
-    show(app, fmt, app.client().delete(f"/api/tasks/{_q(task_id)}"), "task")
+    client = app.client()
+    show(app, fmt, with_id(client, TASK, task_id, lambda tid: client.delete(f"/api/tasks/{_q(tid)}")), "task")
 
 
 @tasks.command("events")
-@click.argument("task_id")
+@TASK_ID
 @click.option("--after", "after_id", type=click.IntRange(min=0), default=0, help="start after this event id")
 @click.option("--text", "text_only", is_flag=True, help="print only the task's text, as `submit` does")
 @output_option
@@ -111,7 +179,8 @@ def tasks_cancel(app: App, task_id: str, fmt: str) -> None:
 def tasks_events(app: App, task_id: str, after_id: int, text_only: bool, fmt: str) -> None:
     """Follow a task's events (replayed, then live) until it finishes; resumes if the stream breaks."""
     printer = StreamPrinter(app, fmt=fmt, verbose=not text_only, text=text_only, events_to_stdout=not text_only)
-    printer.consume(app.client().events(task_id, after_id))
+    client = app.client()
+    printer.consume(with_id(client, TASK, task_id, lambda tid: started(client.events(tid, after_id))))
     raise click.exceptions.Exit(printer.exit_code())
 
 
@@ -149,7 +218,9 @@ def load_metadata_file(path: str | None) -> dict[str, Any]:
 @click.command()
 @click.argument("model_id")
 @click.argument("preset")
-@click.option("--session", "session_id", metavar="ID", help="run on this existing session (its queue)")
+@click.option(
+    "--session", "session_id", metavar="ID", shell_complete=completer(SESSION), help="run on this session (its queue)"
+)
 @click.option("--oneoff", is_flag=True, help="a one-off task in an ephemeral container (default: a session task)")
 @click.option("--difficulty", type=click.Choice(["low", "high"]), default="low", show_default=True)
 @click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="metadata field (repeatable; JSON values)")
@@ -183,13 +254,18 @@ def submit(
         "task_preset": preset,
         "metadata": {**load_metadata_file(metadata_file), **parse_meta(meta)},
     }
-    if session_id:
-        body["session_id"] = session_id
     if timeout_seconds is not None:
         body["timeout_seconds"] = timeout_seconds
     printer = StreamPrinter(app, fmt=fmt, verbose=verbose, text=True, events_to_stdout=False)
+    client = app.client()
     try:
-        printer.consume(app.client().submit(body))
+        if session_id:
+            events = with_id(
+                client, SESSION, session_id, lambda sid: started(client.submit({**body, "session_id": sid}))
+            )
+        else:
+            events = client.submit(body)
+        printer.consume(events)
     except KeyboardInterrupt:
         printer.detached()
         raise click.exceptions.Exit(130) from None
@@ -275,18 +351,23 @@ class StreamPrinter:
 
 
 @click.command()
-@click.argument("session_id")
+@SESSION_ID
 @click.option("-f", "--follow", is_flag=True, help="keep printing new lines until the worker ends")
 @click.option("--tail", type=click.IntRange(min=0), help="only the last N lines so far")
 @output_option
 @pass_app
 def logs(app: App, session_id: str, follow: bool, tail: int | None, fmt: str) -> None:
-    """A session worker's output: its stdout to stdout, its stderr to stderr (json: one object per line)."""
+    """What a session's worker wrote: its output and its `log` lines (ctx.log), in the order gpud got them;
+    stdout to stdout, every other stream to stderr (json: one object per line)."""
+    client = app.client()
     try:
-        for entry in app.client().log_lines(session_id, follow=follow, tail=tail):
+        lines = with_id(
+            client, SESSION, session_id, lambda sid: started(client.log_lines(sid, follow=follow, tail=tail))
+        )
+        for entry in lines:
             if fmt == "json":
                 json_line(entry)
             else:
-                click.echo(entry.get("line", ""), err=entry.get("stream") == "stderr")
+                click.echo(entry.get("line", ""), err=entry.get("stream") != "stdout", nl=not entry.get("partial"))
     except KeyboardInterrupt:
         raise click.exceptions.Exit(ExitCode.OK) from None

@@ -1,20 +1,18 @@
-"""Admin route: a session worker container's logs, streamed as lines (plain text, or NDJSON with the stream name)."""
+"""Admin route: what a session's worker wrote (gpud/work/sessions/output.py), streamed as lines (plain text, or
+NDJSON with the stream name)."""
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from gpud.api import keys
 from gpud.errors import Conflict, Gone, InvalidRequest
-from gpud.runtime.base import ContainerNotFound, LogLine
+from gpud.work.sessions.output import OutputLine, WorkerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -47,104 +45,79 @@ def parse_options(query: dict[str, str]) -> LogOptions:
     return LogOptions(follow=follow in _TRUE, tail=int(raw_tail) if raw_tail else None, ndjson=fmt == "ndjson")
 
 
-def encode(lines: Iterable[LogLine], ndjson: bool) -> bytes:
-    """Lines as one chunk: the bare line, or {"stream", "line"} per line (with "partial": true on each piece of an
-    over-long line but its last; in text, such pieces are written without a newline, so the line stays whole)."""
+def encode(lines: Iterable[OutputLine], ndjson: bool) -> bytes:
+    """Lines as one chunk: the bare line, or {"stream", "line"} per line, plus "task_id" on a worker's protocol
+    `log` line and "partial": true on each piece of an over-long line but its last (in text, such pieces are
+    written without a newline, so the line stays whole)."""
     if ndjson:
-        return b"".join(
-            json.dumps(
-                {"stream": ln.stream.value, "line": ln.line, **({"partial": True} if ln.partial else {})}
-            ).encode()
-            + b"\n"
-            for ln in lines
-        )
+        return b"".join(json.dumps(_entry(ln)).encode() + b"\n" for ln in lines)
     return b"".join(ln.line.encode("utf-8", errors="replace") + (b"" if ln.partial else b"\n") for ln in lines)
 
 
+def _entry(line: OutputLine) -> dict[str, object]:
+    entry: dict[str, object] = {"stream": line.stream, "line": line.line}
+    if line.task_id is not None:
+        entry["task_id"] = line.task_id
+    if line.partial:
+        entry["partial"] = True
+    return entry
+
+
+def _gap(count: int) -> OutputLine:
+    """A line from gpud standing for `count` lines no longer kept."""
+    return OutputLine(-1, "gpud", f"[gpud: {count} earlier line(s) of this worker are no longer kept]")
+
+
 async def session_logs(request: web.Request) -> web.StreamResponse:
-    """GET /api/sessions/{session_id}/logs?follow=1&tail=N&format=ndjson: what the worker wrote, then (follow) more."""
+    """GET /api/sessions/{session_id}/logs?follow=1&tail=N&format=ndjson: what the worker wrote (its container
+    output and its protocol `log` lines, in the order gpud received them), then (follow) more."""
     options = parse_options(dict(request.query))
-    runtime = request.app[keys.RUNTIME]
-    session = request.app[keys.SESSIONS].registry.get(request.match_info["session_id"])
-    container_id = session.container_id
-    if container_id is None:
+    sessions = request.app[keys.SESSIONS]
+    session = sessions.registry.get(request.match_info["session_id"])
+    output = sessions.output(session)
+    if output is None:
+        if session.is_over:
+            reason = session.end_reason or session.state.value
+            raise Gone(f"session {session.id}: its worker is gone ({reason})", code="session_logs_gone")
         raise Conflict(
             f"session {session.id} has no worker container yet ({session.state.value})", code="session_no_container"
         )
-    backlog = runtime.logs(container_id, follow=False)
-    try:
-        first = await anext(backlog, None)
-    except ContainerNotFound:
-        reason = session.end_reason or session.state.value
-        raise Gone(f"session {session.id}: its worker container is gone ({reason})", code="session_logs_gone") from None
     response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     response.content_type = "application/x-ndjson" if options.ndjson else "text/plain"
     response.charset = "utf-8"
     await response.prepare(request)
-    seen = await _write_backlog(response, first, backlog, options)
-    if options.follow and seen is not None:
-        live = runtime.logs(container_id, follow=True)
-        await _follow(request, response, live, skip=seen, ndjson=options.ndjson)
-    with contextlib.suppress(ConnectionError):
+    try:
+        backlog = output.since(0) if options.tail is None else output.last(options.tail)
+        if output.first_seq > 0 and (options.tail is None or options.tail > len(backlog)):
+            backlog.insert(0, _gap(output.first_seq))  # asked for more than is kept: say so
+        if backlog:
+            await response.write(encode(backlog, options.ndjson))
+        if options.follow:
+            await _follow(request, response, output, output.next_seq, options.ndjson)
         await response.write_eof()
+    except ConnectionError:
+        logger.debug("log client went away")
     return response
 
 
-async def _write_backlog(
-    response: web.StreamResponse, first: LogLine | None, rest: AsyncIterator[LogLine], options: LogOptions
-) -> int | None:
-    """Write the lines so far (the last `tail` of them); return how many there were, or None if the client left."""
-    kept: collections.deque[LogLine] = collections.deque(maxlen=options.tail)
-    count = 0
-    if first is not None:
-        kept.append(first)
-        count = 1
-        async for line in rest:
-            kept.append(line)
-            count += 1
-    try:
-        if kept:
-            await response.write(encode(kept, options.ndjson))
-    except ConnectionError:
-        return None
-    return count
-
-
 async def _follow(
-    request: web.Request, response: web.StreamResponse, live: AsyncIterator[LogLine], *, skip: int, ndjson: bool
+    request: web.Request, response: web.StreamResponse, output: WorkerOutput, seq: int, ndjson: bool
 ) -> None:
-    """Write new lines until the worker's output ends or the client goes away (the first `skip` were sent)."""
-    pending: asyncio.Future[LogLine] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(live))
-            done, _ = await asyncio.wait({pending}, timeout=_DISCONNECT_POLL)
-            if not done:
-                transport = request.transport
-                if transport is None or transport.is_closing():
-                    return
-                continue
-            try:
-                line = pending.result()
-            except (StopAsyncIteration, ContainerNotFound):
-                return
-            pending = None
-            if skip:
-                skip -= 1  # already sent with the backlog
-                continue
-            await response.write(encode([line], ndjson))
-    except ConnectionError:
-        logger.debug("log client went away")
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
-                await pending
-        aclose = getattr(live, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
+    """Write lines from position `seq` on until the worker is gone or the client leaves."""
+    while True:
+        lines = output.since(seq)
+        if lines:
+            if lines[0].seq > seq:  # this reader fell behind the ring's limits
+                lines.insert(0, _gap(lines[0].seq - seq))
+            seq = lines[-1].seq + 1
+            await response.write(encode(lines, ndjson))
+            continue
+        if output.closed:
+            return
+        await output.wait(seq, _DISCONNECT_POLL)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
 
 
 def add_log_routes(app: web.Application) -> None:
