@@ -21,6 +21,7 @@ from gpuctl.context import (
     render,
     show,
 )
+from gpuctl.fleet import fleet
 from gpuctl.output import cell
 from gpuctl.watch import repeat, watch_options
 from gpuctl.work import logs, sessions, submit, tasks
@@ -97,7 +98,7 @@ def status(app: App, fmt: str, watch: float | None, count: int | None) -> None:
 @output_option
 @pass_app
 def gpus(app: App, fmt: str) -> None:
-    """Per GPU: difficulty, memory, utilization, temperature, lease, drained."""
+    """Per GPU: difficulty, memory, utilization, temperature, lease, health, drained (and why)."""
     body = app.client().get("/api/gpus")
     show(app, fmt, body, "gpus", "gpus")
 
@@ -197,6 +198,7 @@ cli.add_command(sessions)
 cli.add_command(tasks)
 cli.add_command(submit)
 cli.add_command(logs)
+cli.add_command(fleet)
 
 
 def main() -> None:

@@ -56,12 +56,21 @@ def gpus(items: Sequence[Obj], style: Style) -> str:
                 "-" if util is None else f"{util:g}%",
                 "-" if temp is None else f"{temp:g}C",
                 f"{lease['kind']} {short_id(lease['id'])} ({ago(lease.get('since'))})" if lease else "-",
-                style.state("drained") if g.get("drained") else "no",
+                style.state("ok") if g.get("healthy", True) else style.paint("unhealthy", "red"),
+                _drained(g, style),
                 style.paint(str(g["error"]), "red") if g.get("error") else "-",
             ]
         )
-    headers = ["ID", "DIFFICULTY", "NAME", "MEMORY", "UTIL", "TEMP", "LEASE", "DRAINED", "ERROR"]
+    headers = ["ID", "DIFFICULTY", "NAME", "MEMORY", "UTIL", "TEMP", "LEASE", "HEALTH", "DRAINED", "ERROR"]
     return table(headers, rows)
+
+
+def _drained(g: Obj, style: Style) -> str:
+    """`no`, `drained` (by an operator), or `drained: REASON` (auto-drained, e.g. `drained: xid 79`)."""
+    if not g.get("drained"):
+        return "no"
+    reason = g.get("drain_reason")
+    return style.state("drained") + (f": {reason}" if reason and reason != "operator" else "")
 
 
 def sessions(items: Sequence[Obj], style: Style) -> str:
@@ -138,6 +147,7 @@ def task(t: Obj, style: Style) -> str:
         ("container", cell(t.get("container_id"))),
         ("created", ago(t.get("created_at"))),
         ("elapsed", f"{duration(t.get('elapsed_seconds'))} (timeout {duration(t.get('timeout_seconds'))})"),
+        ("timings", _timings(t.get("timings") or {})),
         ("exit code", cell(t.get("exit_code"))),
         ("error", style.paint(f"{error.get('code')}: {error.get('message')}", "red") if error else "-"),
         ("events", f"{t.get('events', 0)} ({t.get('clients', 0)} client(s) attached)"),
@@ -148,6 +158,14 @@ def task(t: Obj, style: Style) -> str:
     if t.get("text"):
         text += "\n\n" + str(t["text"]).rstrip("\n")
     return text
+
+
+def _timings(timings: Obj) -> str:
+    """Where a task's time went, e.g. `queue 1.2s, fetch 0.0s, start 1.1s, first output 1.3s, run 4.0s` (`-`: the
+    phase did not happen)."""
+    names = [("queue", "queue_wait"), ("fetch", "model_fetch"), ("start", "worker_start"),
+             ("first output", "first_output"), ("run", "run")]  # fmt: skip
+    return ", ".join(f"{label} {duration(timings.get(f'{key}_seconds'))}" for label, key in names)
 
 
 def models(items: Sequence[Obj], style: Style) -> str:

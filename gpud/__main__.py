@@ -47,6 +47,7 @@ def cli() -> None:
 @click.option("--runtime", default=None, help="Worker runtime: podman, docker or process (GPUD_RUNTIME).")
 @click.option("--gpu-backend", default=None, help="GPU inventory: auto, nvml or static (GPUD_GPU_BACKEND).")
 @click.option("--log-level", default=None, help="debug, info, warning or error (GPUD_LOG_LEVEL).")
+@click.option("--log-format", default=None, help="text or json: one JSON object per line (GPUD_LOG_FORMAT).")
 def run(config_file: Path | None, dev: bool, **flags: Any) -> None:
     """Run the daemon in the foreground (systemd supervises it; it never daemonizes itself)."""
     import os
@@ -58,7 +59,7 @@ def run(config_file: Path | None, dev: bool, **flags: Any) -> None:
 
     request = LoadRequest(config_file=config_file, flags=flags, dev=dev, environ=dict(os.environ))
     settings = _load_or_exit(request.load)
-    logs.setup_logging(settings.log_level)
+    logs.setup_logging(settings.log_level, log_format=settings.log_format)
     try:
         code = asyncio.run(Daemon(request, settings).run())
     except (AlreadyRunning, UnsafeSocketDirectory) as exc:

@@ -146,6 +146,21 @@ install_system_files() {
   install_config gpud.yaml 0644 "s|^runtime: [a-z]*|runtime: $RUNTIME|; s|^# runtime_socket: [^ ]*|runtime_socket: $ENGINE_SOCKET|"
   install_config models.yaml 0644
   install_config gpud.env 0640  # it may name secrets: readable by root only
+  ensure_api_key
+  for file in gpud.yml gpud-rules.yml; do install_file 0644 "$SRC/etc/prometheus/$file" "$DOC_DIR/prometheus/$file"; done
+  install_file 0644 "$SRC/etc/grafana/gpud.json" "$DOC_DIR/grafana/gpud.json"
+}
+
+ensure_api_key() { # /etc/gpud/api-key, once: the public API's key, which the shipped Prometheus config sends too
+  local key="$ETC_DIR/api-key"
+  if [[ ! -e $key ]]; then
+    (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$key")
+    log "wrote a new API key to $key (gpud.env points INTERNAL_API_KEY_FILE at it)"
+  fi
+  # Prometheus (Debian's runs as user prometheus) reads the key at each scrape; nobody else may.
+  if getent group prometheus >/dev/null; then
+    chgrp prometheus "$key" && chmod 0640 "$key"
+  fi
 }
 
 start_service() { # enable and (re)start; an upgrade restarts a running gpud onto the new release

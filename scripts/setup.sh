@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(podman runc docker.io docker-compose mmdebstrap curl util-linux procps)
+APT_PACKAGES=(podman runc docker.io docker-compose mmdebstrap curl util-linux procps prometheus etcd-server etcd-client)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -14,6 +14,11 @@ if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # The fleet tests start their own etcd members; Debian's etcd.service (started at install under systemd)
+  # would hold port 2379 and keep running: stop it.
+  if [[ " ${missing[*]} " == *" etcd-server "* && -d /run/systemd/system ]]; then
+    $SUDO systemctl disable --now etcd.service || true
+  fi
 fi
 
 PYTHON="${PYTHON:-python3}"

@@ -9,8 +9,8 @@ scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== lint and types" >&2
-ruff check gpud gpuctl tests bench
-ruff format --check gpud gpuctl tests bench
+ruff check gpud gpuctl tests bench etc
+ruff format --check gpud gpuctl tests bench etc
 mypy gpud gpuctl
 
 echo "== engines and worker image" >&2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -26,6 +27,9 @@ from gpud.settings import LiveConfig
 from gpud.work.service import TaskService
 from gpud.work.sessions.manager import SessionManager
 
+if TYPE_CHECKING:
+    from gpud.fleet.service import Fleet
+
 
 @dataclass(frozen=True)
 class AppServices:
@@ -41,6 +45,7 @@ class AppServices:
     metrics: Metrics
     started: keys.ProcessStart
     reload: keys.ReloadFunction | None = None
+    fleet: Fleet | None = None  # fleet mode only (GPUD_ETCD_ENDPOINTS)
 
 
 def _shared_app(services: AppServices, name: str, auth: Middleware, names_holders: bool) -> web.Application:
@@ -65,11 +70,16 @@ def _shared_app(services: AppServices, name: str, auth: Middleware, names_holder
     add_preset_routes(app)
     add_task_routes(app)
     add_session_routes(app)
+    if services.fleet is not None:
+        from gpud.api.fleet import install_fleet  # imported only in fleet mode: no cost on a single host
+
+        install_fleet(app, services.fleet, forwards=name == "public")
     return app
 
 
 def make_public_app(services: AppServices) -> web.Application:
-    """The TCP app: tasks, sessions, health and metrics, behind X-API-Key (/health without: it names no holder)."""
+    """The TCP app: tasks, sessions, health and metrics, behind an API key (X-API-Key or Authorization: Bearer;
+    /health without: it names no holder)."""
     return _shared_app(services, "public", api_key_middleware, names_holders=False)
 
 

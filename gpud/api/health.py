@@ -15,8 +15,8 @@ from gpud.runtime.base import EngineHealth
 
 
 def gpu_report(inventory: GpuInventory, scheduler: Scheduler, gpu: Gpu, holders: bool = True) -> dict[str, Any]:
-    """One GPU: identity, tag, latest sample, lease and drain state. With `holders` false (the public app) the
-    lease says only its kind and age: a session or task id would let anyone who reads /health address it."""
+    """One GPU: identity, tag, latest sample, health, lease and drain state. With `holders` false (the public app)
+    the lease says only its kind and age: a session or task id would let anyone who reads /health address it."""
     sample = inventory.sample(gpu.index)
     lease = scheduler.lease_of(gpu.index)
     leased_to: dict[str, Any] | None = None
@@ -37,10 +37,19 @@ def gpu_report(inventory: GpuInventory, scheduler: Scheduler, gpu: Gpu, holders:
         "utilization_percent": sample.utilization_percent if sample else None,
         "temperature_c": sample.temperature_c if sample else None,
         "power_watts": sample.power_watts if sample else None,
+        "ecc_errors": {
+            "corrected": sample.ecc_corrected if sample else None,
+            "uncorrected": sample.ecc_uncorrected if sample else None,
+        },
+        "throttle_reasons": list(sample.throttle_reasons) if sample and sample.throttle_reasons is not None else None,
+        "xid_errors": inventory.xid_count(gpu.index),
+        "last_xid": inventory.last_xid(gpu.index),
         "error": sample.error if sample else None,
+        "healthy": scheduler.is_healthy(gpu.index) and not (sample and sample.error),
         "leased": lease is not None,
         "leased_to": leased_to,
         "drained": scheduler.is_drained(gpu.index),
+        "drain_reason": scheduler.drain_reason(gpu.index),
     }
 
 
@@ -55,6 +64,12 @@ def health_report(app: web.Application, engine: EngineHealth) -> dict[str, Any]:
     inventory = app[keys.INVENTORY]
     started = app[keys.STARTED]
     reasons = [f"GPU {index}: {error}" for index, error in sorted(inventory.unhealthy().items())]
+    scheduler = app[keys.SCHEDULER]
+    reasons += [
+        f"GPU {gpu.index} unhealthy: {scheduler.drain_reason(gpu.index)} (drained until undrained)"
+        for gpu in inventory.gpus
+        if not scheduler.is_healthy(gpu.index)
+    ]
     if not engine.ok:
         reasons.append(f"{engine.runtime} engine unreachable: {engine.detail}")
     if engine.degraded:

@@ -22,6 +22,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_API_KEY_LENGTH = 512
 # Paths the public app serves without a key.
 OPEN_PATHS = frozenset({"/health"})
+UNAUTHORIZED_MESSAGE = "missing or invalid API key (send X-API-Key: <key> or Authorization: Bearer <key>)"
+# The route whose errors count as refused submissions.
+SUBMIT_ROUTE = "/api/tasks/submit"
 
 
 @web.middleware
@@ -55,13 +58,23 @@ def key_is_valid(candidate: str | None, keys: Iterable[str]) -> bool:
     return matched
 
 
+def presented_key(request: web.Request) -> str | None:
+    """The key a request carries: `X-API-Key: <key>`, else `Authorization: Bearer <key>` (what Prometheus and
+    most HTTP clients can send). Any other Authorization scheme (Basic, ...) carries no key."""
+    key = request.headers.get("X-API-Key")
+    if key is not None:
+        return key
+    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else None
+
+
 @web.middleware
 async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Require X-API-Key on the public app, except /health (and /metrics when configured public)."""
+    """Require an API key on the public app, except /health (and /metrics when configured public)."""
     settings = request.app[keys.CONFIG].settings
     open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_public else set())
-    if request.path not in open_paths and not key_is_valid(request.headers.get("X-API-Key"), settings.internal_api_key):
-        return errors.error_response(401, "unauthorized", "missing or invalid API key (X-API-Key)")
+    if request.path not in open_paths and not key_is_valid(presented_key(request), settings.internal_api_key):
+        return errors.error_response(401, "unauthorized", UNAUTHORIZED_MESSAGE)
     return await handler(request)
 
 
@@ -101,5 +114,7 @@ def metrics_middleware(app_name: str) -> Middleware:
             route = info.canonical if info is not None else "unmatched"
             metrics.http_requests.labels(app_name, route, str(status)).inc()
             metrics.http_latency.labels(app_name, route).observe(time.perf_counter() - started)
+            if route == SUBMIT_ROUTE and status >= 400:
+                metrics.submissions_refused.labels(str(status)).inc()
 
     return observe

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
+from gpud.api import keys
 from gpud.errors import InvalidRequest
 from gpud.work.events import Event, Subscription, TaskEventLog
 
@@ -112,7 +114,9 @@ async def stream_task_events(
     stream = _Stream(request, response, log, heartbeat, send_timeout)
     finished = False
     try:
-        finished = await stream.pump(after_id)
+        metrics = request.app.get(keys.METRICS)  # an app built for a test may have none
+        with metrics.sse_clients.track_inprogress() if metrics is not None else contextlib.nullcontext():
+            finished = await stream.pump(after_id)
     finally:
         response.stop_streaming()  # ends the library's (idle) ping task
     if finished:

@@ -6,14 +6,16 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpud.api.app import AppServices
 from gpud.api.keys import ProcessStart, ReloadFunction
 from gpud.daemon.examples import prepare_process_host, process_image_dirs
+from gpud.daemon.gpu_metrics import GpuCollector
 from gpud.daemon.state_metrics import StateCollector
+from gpud.gpu.health import GpuHealth
 from gpud.gpu.inventory import GpuInventory, open_inventory
-from gpud.gpu.scheduler import Scheduler
+from gpud.gpu.scheduler import Lease, ReleaseObserver, Scheduler
 from gpud.metrics import Metrics
 from gpud.modelstore import ModelStore
 from gpud.modelstore.config import archive_limits, fetch_pace
@@ -23,6 +25,7 @@ from gpud.runtime.instance import InstanceRuntime
 from gpud.settings import LiveConfig, Settings
 from gpud.settings.presets import load_presets
 from gpud.state import instance_id
+from gpud.work.capacity import Capacity
 from gpud.work.journal import Journal
 from gpud.work.oneoff import OneOffRunner
 from gpud.work.removals import PendingRemovals
@@ -31,6 +34,13 @@ from gpud.work.service import TaskService
 from gpud.work.sessions.manager import SessionManager
 from gpud.work.uids import WorkerIds
 from gpud.worker.install import install_sdk
+
+if TYPE_CHECKING:
+    from gpud.fleet.service import Fleet
+
+
+# How often the engine is pinged for gpud_engine_up (milliseconds each).
+ENGINE_PROBE_SECONDS = 5.0
 
 
 @dataclass
@@ -47,6 +57,8 @@ class Services:
     tasks: TaskService
     journal: Journal
     restorer: Restorer
+    health: GpuHealth | None = None  # the GPU health policy, run after each NVML refresh
+    fleet: Fleet | None = None  # fleet mode only (GPUD_ETCD_ENDPOINTS): gpud/fleet
     started: ProcessStart = field(default_factory=lambda: ProcessStart(time.time(), time.monotonic()))
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -68,6 +80,7 @@ class Services:
             metrics=self.metrics,
             started=self.started,
             reload=reload,
+            fleet=self.fleet,
         )
 
     async def start(self) -> None:
@@ -81,11 +94,19 @@ class Services:
         self.restorer.load()
         reconciled = await self.restorer.first_try()
         self.background = [
-            asyncio.create_task(self.inventory.refresh_forever(lambda: self.settings.gpu_metrics_refresh_interval)),
+            asyncio.create_task(
+                self.inventory.refresh_forever(
+                    lambda: self.settings.gpu_metrics_refresh_interval,
+                    after=self.health.check if self.health is not None else None,
+                )
+            ),
             asyncio.create_task(self.tasks.janitor()),
+            asyncio.create_task(_watch_engine(self.runtime)),
         ]
         if not reconciled:
             self.background.append(asyncio.create_task(self.restorer.reconcile_until_done()))
+        if self.fleet is not None:
+            await self.fleet.start()  # returns at once: an unreachable etcd leaves this host serving its own work
 
     def apply_settings(self, changed: list[str]) -> None:
         """Make reloaded settings take effect in the services that copied them at start."""
@@ -103,9 +124,12 @@ class Services:
             pace=fetch_pace(settings),
         )
         self.sessions.settings_changed()
+        self.metrics.know_models(preset.model_id for preset in self.config.presets.all())
 
     async def close(self) -> None:
         """End tasks and sessions, then release the engine client, the model store and NVML."""
+        if self.fleet is not None:
+            await self.fleet.close()  # leave the fleet first: no host forwards here any more
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
@@ -126,12 +150,31 @@ def _prepare_state_dir(state_dir: Path) -> None:
     install_sdk(state_dir / "sdk")
 
 
+async def _watch_engine(runtime: ContainerRuntime) -> None:
+    """Forever: ask the engine's health (a ping) now and then, so gpud_engine_up follows it while no work runs."""
+    while True:
+        await runtime.health()
+        await asyncio.sleep(ENGINE_PROBE_SECONDS)
+
+
+def _count_gpu_time(metrics: Metrics) -> ReleaseObserver:
+    """The scheduler's release observer: a task's or session's lease time goes to gpud_gpu_seconds_total."""
+
+    def released(lease: Lease, seconds: float) -> None:
+        if lease.kind in ("task", "session"):  # not a GPU held for a leftover container until its removal
+            metrics.gpu_used(lease.model or "unknown", lease.gpu.difficulty, seconds)
+
+    return released
+
+
 def create_services(settings: Settings, nvml: Any = None) -> Services:
     """Construct every service from settings (reads the presets file, may load NVML); start() comes after."""
     config = LiveConfig(settings, load_presets(settings.presets_file))
     inventory = open_inventory(settings.gpu_backend, settings.gpu_device_ids, settings.gpu_device_difficulty, nvml=nvml)
-    scheduler = Scheduler(inventory)
-    options: dict[str, Any] = {}
+    metrics = Metrics(settings.metrics_created_series)
+    metrics.know_models(preset.model_id for preset in config.presets.all())
+    scheduler = Scheduler(inventory, on_release=_count_gpu_time(metrics))
+    options: dict[str, Any] = {"on_pull": metrics.image_pulled}
     if settings.runtime == "process":
         options = {
             "allow_unisolated": settings.process_runtime_allow_unisolated,
@@ -139,7 +182,7 @@ def create_services(settings: Settings, nvml: Any = None) -> Services:
         }
     # Every container carries this gpud's instance id, and only those are listed (so adopted or removed at start).
     engine = make_runtime(settings.runtime, settings.runtime_socket, **options)
-    runtime = InstanceRuntime(engine, instance_id(settings.state_dir))
+    runtime = InstanceRuntime(engine, instance_id(settings.state_dir), metrics)
     models = ModelStore(
         settings.model_cache_dir,
         file_service_url=settings.file_service_url,
@@ -149,6 +192,7 @@ def create_services(settings: Settings, nvml: Any = None) -> Services:
         key_header=settings.file_service_key_header,
         limits=archive_limits(settings),
         pace=fetch_pace(settings),
+        metrics=metrics,
     )
     state = settings.state_dir
     # One allocator for both: a session and a one-off must never share a uid.
@@ -166,10 +210,25 @@ def create_services(settings: Settings, nvml: Any = None) -> Services:
         ids=ids,
         records=journal,
         removals=removals,
+        metrics=metrics,
     )
-    oneoff = OneOffRunner(runtime, models, scheduler, state / "tasks", ids, removals)
-    metrics = Metrics()
-    tasks = TaskService(config, runtime, models, scheduler, oneoff, sessions, metrics, journal, removals=removals)
-    metrics.watch(StateCollector(inventory, scheduler, tasks.registry, sessions.registry))
+    # One place leases GPUs to new work (submit, and one-offs after their model fetch): it may end an idle session.
+    capacity = Capacity(scheduler, sessions, config, metrics)
+    oneoff = OneOffRunner(runtime, models, scheduler, state / "tasks", ids, removals, acquire=capacity.acquire)
+    tasks = TaskService(
+        config, runtime, models, scheduler, oneoff, sessions, metrics, journal, removals=removals, capacity=capacity
+    )
+    metrics.watch(StateCollector(tasks.registry, sessions.registry, models))
+    health = GpuHealth(inventory, scheduler)
+    health.check()  # the first sample (taken when NVML opened): uncorrectable ECC errors drain before any lease
+    metrics.watch(GpuCollector(inventory, scheduler, health))
     restorer = Restorer(config, runtime, inventory, scheduler, models, ids, journal, tasks, oneoff, state)
-    return Services(config, inventory, scheduler, metrics, runtime, models, sessions, tasks, journal, restorer)
+    fleet = None
+    if settings.etcd_endpoints:  # fleet mode: imported only then (no etcd cost on a single host)
+        from gpud.fleet.service import Fleet, FleetConfig
+
+        fleet = Fleet(FleetConfig.from_settings(settings), inventory, scheduler, tasks, metrics)
+    return Services(
+        config, inventory, scheduler, metrics, runtime, models, sessions, tasks, journal, restorer, health=health,
+        fleet=fleet,
+    )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Gauges computed at scrape time from the daemon's live objects: GPUs, leases, sessions, tasks."""
+"""Gauges computed at scrape time from the daemon's live objects: sessions, tasks, the model cache (GPUs:
+gpu_metrics.py). Each state gauge emits every state, 0 included, so no series vanishes."""
 
 from __future__ import annotations
 
@@ -7,63 +8,58 @@ from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from gpud.gpu.inventory import GpuInventory
-from gpud.gpu.scheduler import Scheduler
-from gpud.work.sessions.record import SessionRegistry
-from gpud.work.task import TaskRegistry
+from gpud.modelstore import ModelStore
+from gpud.work.sessions.record import SessionRegistry, SessionState
+from gpud.work.task import FINAL, TaskRegistry, TaskStatus
+
+ACTIVE = (TaskStatus.QUEUED, TaskStatus.RUNNING)
+RETAINED = tuple(status for status in TaskStatus if status in FINAL)
 
 
 class StateCollector:
     """Gauges computed at scrape time from the daemon's live objects."""
 
-    def __init__(
-        self, inventory: GpuInventory, scheduler: Scheduler, tasks: TaskRegistry, sessions: SessionRegistry
-    ) -> None:
-        self._inventory = inventory
-        self._scheduler = scheduler
+    def __init__(self, tasks: TaskRegistry, sessions: SessionRegistry, store: ModelStore | None = None) -> None:
         self._tasks = tasks
         self._sessions = sessions
+        self._store = store
 
     def describe(self) -> list[Metric]:
         """No fixed description: the families are produced per scrape."""
         return []
 
     def collect(self) -> Iterator[Metric]:
-        """GPU lease/drain and NVML samples, sessions by state, tasks by status, queued tasks."""
-        yield from self._gpus()
-        sessions = GaugeMetricFamily("gpud_sessions", "Known sessions by state", labels=["state"])
-        for state, count in sorted(Tally(s.state.value for s in self._sessions.all()).items()):
-            sessions.add_metric([state], count)
+        """Sessions by state, live and retained tasks by status, queued tasks, the model cache's size."""
+        by_state = Tally(s.state.value for s in self._sessions.all())
+        sessions = GaugeMetricFamily(
+            "gpud_sessions", "Known sessions (live and recently ended) by state", labels=["state"]
+        )
+        for state in SessionState:
+            sessions.add_metric([state.value], by_state[state.value])
         yield sessions
-        tasks = GaugeMetricFamily("gpud_tasks", "Known tasks (active and retained) by status", labels=["status"])
-        for status, count in sorted(Tally(t.status.value for t in self._tasks.all()).items()):
-            tasks.add_metric([status], count)
-        yield tasks
+        by_status = Tally(t.status for t in self._tasks.all())
+        active = GaugeMetricFamily("gpud_tasks_active", "Tasks queued or running", labels=["status"])
+        retained = GaugeMetricFamily(
+            "gpud_tasks_retained",
+            "Finished tasks still kept in memory (GPUD_TASK_RETENTION_SECONDS)",
+            labels=["status"],
+        )
+        for family, statuses in ((active, ACTIVE), (retained, RETAINED)):
+            for status in statuses:
+                family.add_metric([status.value], by_status[status])
+            yield family
         queued = sum(len(s.queue) for s in self._sessions.live())
         yield GaugeMetricFamily("gpud_session_queued_tasks", "Tasks waiting in session queues", value=queued)
+        if self._store is not None:
+            yield from self._cache(self._store)
 
-    def _gpus(self) -> Iterator[Metric]:
-        labels = ["gpu", "uuid", "difficulty"]
-        leased = GaugeMetricFamily("gpud_gpu_leased", "1 when the GPU is leased", labels=labels)
-        drained = GaugeMetricFamily("gpud_gpu_drained", "1 when the GPU takes no new leases", labels=labels)
-        memory = GaugeMetricFamily("gpud_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=labels)
-        total = GaugeMetricFamily("gpud_gpu_memory_total_bytes", "GPU memory (NVML)", labels=labels)
-        util = GaugeMetricFamily("gpud_gpu_utilization_percent", "GPU utilisation (NVML)", labels=labels)
-        temp = GaugeMetricFamily("gpud_gpu_temperature_celsius", "GPU temperature (NVML)", labels=labels)
-        scheduler = self._scheduler
-        for gpu in self._inventory.gpus:
-            values = [str(gpu.index), gpu.uuid, gpu.difficulty]
-            leased.add_metric(values, 1 if scheduler.lease_of(gpu.index) else 0)
-            drained.add_metric(values, 1 if scheduler.is_drained(gpu.index) else 0)
-            sample = self._inventory.sample(gpu.index)
-            if sample is None or sample.error:
-                continue
-            for family, value in (
-                (memory, sample.memory_used_bytes),
-                (total, sample.memory_total_bytes),
-                (util, sample.utilization_percent),
-                (temp, sample.temperature_c),
-            ):
-                if value is not None:
-                    family.add_metric(values, value)
-        yield from (leased, drained, memory, total, util, temp)
+    @staticmethod
+    def _cache(store: ModelStore) -> Iterator[Metric]:
+        used = sum(model.size_bytes or 0 for model in store.list() if model.complete)
+        yield GaugeMetricFamily("gpud_model_cache_bytes", "Bytes of the models in the cache", value=used)
+        if store.max_bytes is not None:  # no series without a limit (0 would read as "full")
+            yield GaugeMetricFamily(
+                "gpud_model_cache_limit_bytes",
+                "The cache's size limit (GPUD_MODEL_CACHE_MAX_BYTES)",
+                value=store.max_bytes,
+            )

@@ -1,4 +1,4 @@
-"""GPU inventory and health: NVIDIA's NVML through pynvml, or a static list declared in configuration.
+"""GPU inventory: NVIDIA's NVML through pynvml (read by gpud/gpu/nvml.py), or a static list from configuration.
 
 The static backend is how machines without NVIDIA GPUs (CI, laptops) run gpud: GPUs are declared by
 `GPU_DEVICE_IDS`, nothing is attached to workers, and no utilisation is reported.
@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from gpud.errors import ConfigError
+from gpud.gpu.nvml import GpuSample, NvmlReader
+
+__all__ = ["DEFAULT_DIFFICULTY", "Gpu", "GpuInventory", "GpuSample", "NvmlReader", "open_inventory"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,75 +36,6 @@ class Gpu:
     real: bool
 
 
-@dataclass(frozen=True)
-class GpuSample:
-    """One reading of a GPU's counters (None where the backend cannot tell)."""
-
-    memory_total_bytes: int | None = None
-    memory_used_bytes: int | None = None
-    utilization_percent: int | None = None
-    temperature_c: int | None = None
-    power_watts: float | None = None
-    sampled_at: float = 0.0
-    error: str | None = None
-
-
-class NvmlReader:
-    """Reads identities and samples through a pynvml-compatible module (the real one, or a stand-in in tests)."""
-
-    def __init__(self, nvml: ModuleType | Any) -> None:
-        self._nvml = nvml
-
-    def open(self) -> int:
-        """Initialise NVML and return the device count; raises whatever NVML raises."""
-        self._nvml.nvmlInit()
-        return int(self._nvml.nvmlDeviceGetCount())
-
-    def close(self) -> None:
-        """Shut NVML down (errors are logged, not raised: this runs at shutdown)."""
-        try:
-            self._nvml.nvmlShutdown()
-        except Exception as exc:  # NVML's own error classes; nothing to do at shutdown
-            logger.debug("nvmlShutdown failed: %s", exc)
-
-    def identity(self, index: int) -> tuple[str, str]:
-        """(uuid, name) of the GPU at index."""
-        handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
-        return _text(self._nvml.nvmlDeviceGetUUID(handle)), _text(self._nvml.nvmlDeviceGetName(handle))
-
-    def sample(self, index: int) -> GpuSample:
-        """Memory, utilisation, temperature and power of the GPU at index."""
-        nvml = self._nvml
-        try:
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            utilization = nvml.nvmlDeviceGetUtilizationRates(handle)
-            temperature = nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
-            power = _optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)
-        except Exception as exc:  # NVMLError subclasses: a lost GPU, a driver problem
-            return GpuSample(sampled_at=time.time(), error=str(exc) or type(exc).__name__)
-        return GpuSample(
-            memory_total_bytes=int(memory.total),
-            memory_used_bytes=int(memory.used),
-            utilization_percent=int(utilization.gpu),
-            temperature_c=int(temperature),
-            power_watts=power,
-            sampled_at=time.time(),
-        )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _optional(read: Any) -> Any:
-    """Some counters are unsupported on some boards; treat those as unknown."""
-    try:
-        return read()
-    except Exception:
-        return None
-
-
 class GpuInventory:
     """The GPUs gpud manages, their difficulty tags and their latest samples."""
 
@@ -111,6 +45,10 @@ class GpuInventory:
         self._reader = reader
         self._samples: dict[int, GpuSample] = {}
         self._interval_changed: asyncio.Event | None = None
+        self._xid_counts: dict[int, int] = {}
+        self._last_xid: dict[int, int] = {}
+        self._new_xids: list[tuple[int, int]] = []  # (GPU index, XID) not yet taken by take_xids()
+        self._xid_lock = threading.Lock()  # refresh() runs in an executor thread, take_xids() on the event loop
 
     def get(self, index: int) -> Gpu | None:
         """The GPU with this index, if managed."""
@@ -130,19 +68,42 @@ class GpuInventory:
         """GPUs whose last sample failed, with the reason."""
         return {i: s.error for i, s in self._samples.items() if s.error}
 
+    def xid_count(self, index: int) -> int:
+        """XID events seen on a GPU since gpud started."""
+        return self._xid_counts.get(index, 0)
+
+    def last_xid(self, index: int) -> int | None:
+        """The latest XID seen on a GPU, if any."""
+        return self._last_xid.get(index)
+
+    def take_xids(self) -> list[tuple[int, int]]:
+        """(GPU index, XID) events seen since the last call, oldest first."""
+        with self._xid_lock:
+            taken, self._new_xids = self._new_xids, []
+        return taken
+
     def refresh(self) -> None:
-        """Sample every GPU now (blocking: NVML calls; run it in an executor)."""
+        """Sample every GPU and collect its pending XID events now (blocking: NVML calls; run it in an executor)."""
         if self._reader is None:
             return
         for gpu in self.gpus:
             self._samples[gpu.index] = self._reader.sample(gpu.index)
+            xids = self._reader.xids(gpu.index)
+            if xids:
+                with self._xid_lock:
+                    self._xid_counts[gpu.index] = self._xid_counts.get(gpu.index, 0) + len(xids)
+                    self._last_xid[gpu.index] = xids[-1]
+                    self._new_xids.extend((gpu.index, xid) for xid in xids)
 
-    async def refresh_forever(self, interval: Callable[[], float]) -> None:
-        """Refresh samples until cancelled, waiting `interval()` seconds between (read each time: reloadable)."""
+    async def refresh_forever(self, interval: Callable[[], float], after: Callable[[], None] | None = None) -> None:
+        """Refresh samples until cancelled, waiting `interval()` seconds between (read each time: reloadable);
+        `after` runs on the event loop after each refresh (the health check)."""
         loop = asyncio.get_running_loop()
         self._interval_changed = asyncio.Event()
         while True:
             await loop.run_in_executor(None, self.refresh)
+            if after is not None:
+                after()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._interval_changed.wait(), interval())
             self._interval_changed.clear()
@@ -222,6 +183,12 @@ def _open_nvml(reader: NvmlReader, device_ids: tuple[int, ...], difficulty: Mapp
     for index in wanted:
         uuid, name = reader.identity(index)
         gpus.append(Gpu(index, uuid, name, difficulty.get(index, DEFAULT_DIFFICULTY), real=True))
+        why = reader.watch_xids(index)
+        if why is not None:
+            # Not fatal: the GPU is still sampled (ECC counts still drain it); only XIDs go unseen.
+            logger.warning(
+                "GPU %d (%s): XID events are not available (%s); XIDs on it will not drain it", index, uuid, why
+            )
     inventory = GpuInventory(gpus, backend="nvml", reader=reader)
     inventory.refresh()
     logger.info("NVML GPU backend: %s", ", ".join(f"{g.index}:{g.name}:{g.difficulty}" for g in gpus))

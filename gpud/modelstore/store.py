@@ -9,11 +9,13 @@ import os
 import secrets
 import tarfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gpud.errors import Conflict, ErrorKind, GpudError, NotFound, Unavailable
+from gpud.metrics import Metrics
 from gpud.modelstore import disk
 from gpud.modelstore.archive import ArchiveLimits, FileEntry, UnsafeArchive, extract_tar
 from gpud.modelstore.fetch import Download, FetchError, FileServiceClient, PayloadKind
@@ -51,7 +53,9 @@ class ModelStore:
         retry_backoff: float = 0.5,
         limits: ArchiveLimits | None = None,
         pace: FetchPace | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self.cache_dir = Path(cache_dir)
         self.auto_fetch = auto_fetch
         self.max_bytes = max_bytes
@@ -166,7 +170,22 @@ class ModelStore:
             flight.task = asyncio.create_task(self._fetch(flight), name=f"fetch-model-{model_id}")
             # Mark the exception retrieved even when every waiter was cancelled.
             flight.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            flight.task.add_done_callback(self._observe_fetch(time.monotonic()))
         await flight.wait(progress)
+
+    def _observe_fetch(self, started: float) -> Callable[[asyncio.Task[None]], None]:
+        """A done-callback for a fetch begun at `started` (monotonic): its duration, or a failure, in the metrics
+        (a fetch cancelled because every waiter left is neither)."""
+
+        def done(fetch: asyncio.Task[None]) -> None:
+            if self._metrics is None or fetch.cancelled():
+                return
+            if fetch.exception() is None:
+                self._metrics.model_fetch_duration.observe(time.monotonic() - started)
+            else:
+                self._metrics.model_fetch_failures.inc()
+
+        return done
 
     def _forget(self, flight: Flight) -> None:
         if self._flights.get(flight.model_id) is flight:
@@ -225,6 +244,8 @@ class ModelStore:
             logger.warning("model %s appeared in the cache during its fetch; keeping that copy", model_id)
         self._hand_sizes.pop(model_id, None)
         self._touch(final)
+        if self._metrics is not None:
+            self._metrics.model_fetch_bytes.inc(dl.size)
         flight.report(FetchPhase.DONE, dl.size, dl.size, force=True)
         logger.info("model %s fetched: %d bytes, %d files", model_id, dl.size, len(files))
 
@@ -345,6 +366,8 @@ class ModelStore:
             logger.info("evicting model %s (%s bytes) to fit %d bytes", victim.model_id, victim.size_bytes, incoming)
             await self._discard(victim.model_id, Path(victim.path))
             total -= victim.size_bytes or 0
+            if self._metrics is not None:
+                self._metrics.model_cache_evictions.inc()
         if total > self.max_bytes:
             logger.warning("model cache over its limit (%d > %d bytes): the rest is in use", total, self.max_bytes)
 

@@ -39,7 +39,7 @@ from gpud.runtime.base import (
     Stream,
     parse_timestamp,
 )
-from gpud.runtime.images import ImageEnsurer
+from gpud.runtime.images import ImageEnsurer, PullObserver
 from gpud.runtime.logsplit import FRAME_HEADER, LineSplitter, parse_header
 from gpud.settings.images import normalize_reference
 
@@ -151,10 +151,11 @@ class DockerRuntime:
     isolated = True
     capabilities = frozenset(Capability) - {Capability.OUTPUT_KEPT_WHILE_AWAY}
 
-    def __init__(self, socket: str | None = None) -> None:
+    def __init__(self, socket: str | None = None, *, on_pull: PullObserver | None = None) -> None:
+        """`on_pull`: told each image pull's result."""
         self.socket = socket or DEFAULT_SOCKET
         self._docker: aiodocker.Docker | None = None  # made on first use: aiohttp needs a running loop
-        self._images = ImageEnsurer(self._image_present, self._pull)
+        self._images = ImageEnsurer(self._image_present, self._pull, on_pull)
 
     @property
     def _client(self) -> aiodocker.Docker:

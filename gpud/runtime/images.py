@@ -12,6 +12,9 @@ from gpud.runtime.base import ProgressCallback
 
 logger = logging.getLogger(__name__)
 
+# Told the result of each pull (True: the image is there now), once per pull however many callers shared it.
+PullObserver = Callable[[bool], None]
+
 
 @dataclass
 class _Flight:
@@ -26,9 +29,11 @@ class ImageEnsurer:
         self,
         present: Callable[[str], Awaitable[bool]],
         pull: Callable[[str, ProgressCallback], Awaitable[None]],
+        on_pull: PullObserver | None = None,
     ) -> None:
         self._present = present
         self._pull = pull
+        self._on_pull = on_pull
         self._flights: dict[str, _Flight] = {}
 
     async def ensure(self, image: str, progress: ProgressCallback | None = None) -> None:
@@ -57,7 +62,13 @@ class ImageEnsurer:
 
     async def _fetch(self, image: str) -> None:
         logger.info("pulling image %s", image)
-        await self._pull(image, lambda message: self._broadcast(image, message))
+        ok = False
+        try:
+            await self._pull(image, lambda message: self._broadcast(image, message))
+            ok = True
+        finally:
+            if self._on_pull is not None:
+                self._on_pull(ok)
 
     async def _broadcast(self, image: str, message: str) -> None:
         flight = self._flights.get(image)

@@ -1,45 +1,63 @@
 """One gpud instance's view of a shared engine: its containers carry its instance id, and it lists only those.
 
 Every container the daemon runs goes through this wrapper, so none can miss the label and no listing (the
-reconciliation at start above all) can see, adopt or remove another instance's containers.
+reconciliation at start above all) can see, adopt or remove another instance's containers. Every engine call
+passes here too, so this is where the engine's health is watched and its failures are counted (metrics).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import TypeVar
 
+from gpud.metrics import Metrics
 from gpud.runtime.base import (
     LABEL_INSTANCE,
+    ContainerFailed,
     ContainerInfo,
     ContainerRuntime,
     ContainerSpec,
     EngineHealth,
+    EngineUnavailable,
     ExitStatus,
     LogLine,
     ProgressCallback,
 )
 
+_T = TypeVar("_T")
+
 
 class InstanceRuntime:
     """Wraps a runtime: run() adds `gpud.instance=<id>` to the spec's labels, list() filters on it; the rest
-    passes through."""
+    passes through. With `metrics`, engine calls that fail count as engine errors and health sets engine_up."""
 
-    def __init__(self, inner: ContainerRuntime, instance: str) -> None:
+    def __init__(self, inner: ContainerRuntime, instance: str, metrics: Metrics | None = None) -> None:
         self.inner = inner
         self.instance = instance
         self.name = inner.name
         self.isolated = inner.isolated
         self.capabilities = inner.capabilities
+        self._metrics = metrics
+
+    async def _counted(self, call: Awaitable[_T]) -> _T:
+        """Await an engine call; one the engine could not serve (unreachable, or it answered with an error)
+        counts as an engine error. A missing container or image is an answer, not an engine error."""
+        try:
+            return await call
+        except (EngineUnavailable, ContainerFailed):
+            if self._metrics is not None:
+                self._metrics.engine_errors.inc()
+            raise
 
     async def ensure_image(self, image: str, progress: ProgressCallback | None = None) -> None:
         """As the engine's."""
-        await self.inner.ensure_image(image, progress)
+        await self._counted(self.inner.ensure_image(image, progress))
 
     async def run(self, spec: ContainerSpec) -> str:
         """Run the spec with this instance's label."""
         labels = {**spec.labels, LABEL_INSTANCE: self.instance}
-        return await self.inner.run(dataclasses.replace(spec, labels=labels))
+        return await self._counted(self.inner.run(dataclasses.replace(spec, labels=labels)))
 
     def logs(self, container_id: str, follow: bool = True) -> AsyncIterator[LogLine]:
         """As the engine's."""
@@ -47,27 +65,32 @@ class InstanceRuntime:
 
     async def wait(self, container_id: str) -> ExitStatus:
         """As the engine's."""
-        return await self.inner.wait(container_id)
+        return await self._counted(self.inner.wait(container_id))
 
     async def stop(self, container_id: str, grace_seconds: float) -> None:
         """As the engine's."""
-        await self.inner.stop(container_id, grace_seconds)
+        await self._counted(self.inner.stop(container_id, grace_seconds))
 
     async def remove(self, container_id: str) -> None:
         """As the engine's."""
-        await self.inner.remove(container_id)
+        await self._counted(self.inner.remove(container_id))
 
     async def inspect(self, container_id: str) -> ContainerInfo:
         """As the engine's."""
-        return await self.inner.inspect(container_id)
+        return await self._counted(self.inner.inspect(container_id))
 
     async def list(self, labels: Mapping[str, str]) -> list[ContainerInfo]:
         """This instance's containers carrying every given label."""
-        return await self.inner.list({**labels, LABEL_INSTANCE: self.instance})
+        return await self._counted(self.inner.list({**labels, LABEL_INSTANCE: self.instance}))
 
     async def health(self) -> EngineHealth:
-        """As the engine's."""
-        return await self.inner.health()
+        """As the engine's; sets engine_up (and counts a failed probe as an engine error)."""
+        health = await self.inner.health()
+        if self._metrics is not None:
+            self._metrics.engine_up.set(1 if health.ok else 0)
+            if not health.ok:
+                self._metrics.engine_errors.inc()
+        return health
 
     async def close(self) -> None:
         """As the engine's."""

@@ -41,7 +41,7 @@ from gpud.runtime.base import (
     parse_timestamp,
 )
 from gpud.runtime.crilog import follow_log_file
-from gpud.runtime.images import ImageEnsurer
+from gpud.runtime.images import ImageEnsurer, PullObserver
 from gpud.runtime.threadlogs import stream_in_thread
 
 logger = logging.getLogger(__name__)
@@ -151,9 +151,16 @@ class PodmanRuntime:
     isolated = True
 
     def __init__(
-        self, socket: str | None = None, *, max_workers: int = 8, max_streams: int = 64, log_files: bool = True
+        self,
+        socket: str | None = None,
+        *,
+        max_workers: int = 8,
+        max_streams: int = 64,
+        log_files: bool = True,
+        on_pull: PullObserver | None = None,
     ) -> None:
-        """`log_files`: read output from the containers' log files when readable here (False: always the API)."""
+        """`log_files`: read output from the containers' log files when readable here (False: always the API);
+        `on_pull`: told each image pull's result."""
         self.socket = socket or DEFAULT_SOCKET
         self._log_files = log_files
         self.capabilities = frozenset(Capability)
@@ -166,7 +173,7 @@ class PodmanRuntime:
         self._client = PodmanClient(base_url=f"unix://{self.socket}")
         self._ops = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="podman-op")
         self._streams = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="podman-stream")
-        self._images = ImageEnsurer(self._image_present, self._pull)
+        self._images = ImageEnsurer(self._image_present, self._pull, on_pull)
         self._log_paths: dict[str, str | None] = {}  # container id -> its readable log file (None: use the API)
         self._version: str | None = None  # the engine's, once asked (see health)
 

@@ -221,3 +221,15 @@ def read_secret_file(file: Path) -> str:
 def image_policy(value: Any) -> ImagePolicy:
     """ALLOWED_DOCKER_IMAGES: globs, comma-separated or a YAML list; digest pins are checked here, at load."""
     return ImagePolicy.parse(string_list(value))
+
+
+def url_list(value: Any) -> tuple[str, ...]:
+    """http(s) URLs, comma-separated or a YAML list (e.g. etcd endpoints); empty: none."""
+    urls = tuple(url(item) for item in string_list(value))
+    return tuple(u for u in urls if u)
+
+
+def optional_path(value: Any) -> Path | None:
+    """A filesystem path, or None when empty."""
+    text = optional_text(value)
+    return Path(text) if text else None

@@ -83,6 +83,11 @@ class Settings:
         reload=True,
         help="tasks waiting per session; more get 429",
     )
+    session_evict_idle: bool = setting(
+        True, env="GPUD_SESSION_EVICT_IDLE", parse=p.boolean, reload=True,
+        help="when every GPU of a tier is held by idle sessions, new work for it ends the least recently used one"
+        " and takes its GPU (its id then answers 410 `session_evicted`); `false`: 503 until one ends",
+    )  # fmt: skip
     # Models
     file_service_url: str | None = setting(
         env="FILE_SERVICE_URL", parse=p.url, reload=True, shown="none", help="where models are fetched from"
@@ -243,6 +248,10 @@ class Settings:
     metrics_public: bool = setting(
         False, env="GPUD_METRICS_PUBLIC", parse=p.boolean, reload=True, help="serve `/metrics` without an API key"
     )
+    metrics_created_series: bool = setting(
+        False, env="GPUD_METRICS_CREATED_SERIES", parse=p.boolean,
+        help="export the `_created` series of counters and histograms (off: Prometheus needs none of them)",
+    )  # fmt: skip
     max_request_bytes: int = setting(
         1024 * 1024, env="GPUD_MAX_REQUEST_BYTES", parse=p.parse_size, shown="1m", help="larger bodies get 413"
     )
@@ -269,6 +278,48 @@ class Settings:
     log_level: str = setting(
         "info", env="GPUD_LOG_LEVEL", parse=p.choice("debug", "info", "warning", "error"), reload=True,
         help="debug, info, warning, error",
+    )  # fmt: skip
+    log_format: str = setting(
+        "text", env="GPUD_LOG_FORMAT", parse=p.choice("text", "json"),
+        help="`text` (a line per record) \\| `json` (an object per line: ts, level, logger, message, task_id, "
+        "session_id)",
+    )  # fmt: skip
+    # Fleet mode (docs/fleet.md): several gpud hosts coordinated through etcd; off while no endpoint is given
+    etcd_endpoints: tuple[str, ...] = setting(
+        (), env="GPUD_ETCD_ENDPOINTS", parse=p.url_list, shown="none (single host)",
+        help="etcd client URLs, comma-separated (e.g. `http://10.0.0.1:2379,http://10.0.0.2:2379`); set: fleet mode",
+    )  # fmt: skip
+    host_id: str | None = setting(
+        env="GPUD_HOST_ID", parse=p.optional_text, shown="the hostname",
+        help="this host's name in the fleet (letters, digits, `.`, `_`, `-`)",
+    )  # fmt: skip
+    advertise_url: str | None = setting(
+        env="GPUD_ADVERTISE_URL", parse=p.url, shown="http://<http_listen>",
+        help="the public API URL other fleet hosts forward requests to",
+    )  # fmt: skip
+    fleet_key: str | None = setting(
+        env="GPUD_FLEET_KEY", parse=p.optional_text, secret=True, shown="none",
+        help="shared by the fleet's hosts, sent on forwarded requests (required in fleet mode; `_FILE` variant)",
+    )  # fmt: skip
+    etcd_lease_ttl_seconds: int = setting(
+        5, env="GPUD_ETCD_LEASE_TTL_SECONDS", parse=p.positive_int,
+        help="a host that stops renewing its etcd lease this long is gone: its sessions answer 410",
+    )  # fmt: skip
+    etcd_ca_file: Path | None = setting(
+        env="GPUD_ETCD_CA_FILE", parse=p.optional_path, shown="none", help="CA bundle for https etcd endpoints"
+    )
+    etcd_cert_file: Path | None = setting(
+        env="GPUD_ETCD_CERT_FILE", parse=p.optional_path, shown="none", help="client certificate for etcd (TLS)"
+    )
+    etcd_key_file: Path | None = setting(
+        env="GPUD_ETCD_KEY_FILE", parse=p.optional_path, shown="none", help="the client certificate's private key"
+    )
+    etcd_username: str | None = setting(
+        env="GPUD_ETCD_USERNAME", parse=p.optional_text, shown="none", help="etcd user (etcd auth enabled)"
+    )
+    etcd_password: str | None = setting(
+        env="GPUD_ETCD_PASSWORD", parse=p.optional_text, secret=True, shown="none",
+        help="the etcd user's password (`_FILE` variant reads it from a file)",
     )  # fmt: skip
     # Not a setting: the YAML file the values were read from, if any (for messages).
     config_file: Path | None = None

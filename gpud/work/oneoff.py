@@ -9,7 +9,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Collection, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,12 +35,15 @@ from gpud.work.outage import OutputFollower, drain, wait_exit
 from gpud.work.removals import PendingRemovals
 from gpud.work.task import CancelHook, Task, TaskError, TaskStatus, cancel_error
 from gpud.work.textcap import LongLines
+from gpud.work.timings import since
 from gpud.work.uids import WorkerIds, WorkerUser
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 TASK_INPUT_DIR = "/run/gpud-task"
+# Leases a GPU (difficulty, holder, kind, model) or raises Unavailable: gpud.work.capacity's may end an idle session.
+Acquire = Callable[[str, str, str, str], Awaitable[Lease]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class OneOffRunner:
         work_dir: Path,
         ids: WorkerIds,
         removals: PendingRemovals | None = None,
+        acquire: Acquire | None = None,
     ) -> None:
         self._runtime = runtime
         self._store = store
@@ -70,6 +75,7 @@ class OneOffRunner:
         self._work_dir = work_dir
         self._ids = ids
         self._removals = removals or PendingRemovals(runtime)
+        self._acquire = acquire or self._acquire_free
 
     def admit(self, task: Task) -> WorkerUser:
         """The host user the task's container will run as, allocated now: a full uid range is a 503 at submit."""
@@ -124,12 +130,15 @@ class OneOffRunner:
             task.emit(EventType.CONNECTION, status="gpu_allocated", gpu_id=held[0].gpu.index)
         # A cancel (DELETE, client gone, shutdown) stops the wait for the model at once.
         fetch = self._store.ensure(task.request.model_id, model_progress(task), holder=task.id)
+        started = time.monotonic()
         model_dir = await _unless_stopped(stopper, fetch)
         if model_dir is None:
             return Outcome(TaskStatus.CANCELLED, _cancel_error(task))
+        task.timings.model_fetch_seconds = since(started)
         if not held:
-            held.append(self._lease_after_fetch(task))
+            held.append(await self._lease_after_fetch(task))
         lease = held[0]
+        started = time.monotonic()  # the worker's start: image, input, container
         await self._runtime.ensure_image(task.preset.image, image_progress(task))
         if stopper.is_set():
             return Outcome(TaskStatus.CANCELLED, _cancel_error(task))
@@ -148,14 +157,18 @@ class OneOffRunner:
         )
         task.container_id = await self._runtime.run(spec)
         task.emit(EventType.WORKER, status="created", container_id=task.container_id)
+        task.timings.worker_start_seconds = since(started)
         task.mark_running()
         task.emit(EventType.WORKER, status="working", container_id=task.container_id)
         return await self._supervise(task, stopper)
 
-    def _lease_after_fetch(self, task: Task) -> Lease:
+    async def _acquire_free(self, difficulty: str, holder: str, kind: str, model: str) -> Lease:
+        return self._scheduler.acquire(difficulty, holder, kind, model)
+
+    async def _lease_after_fetch(self, task: Task) -> Lease:
         """Lease the GPU now that the model is cached; none free (taken during the fetch) fails the task."""
         try:
-            lease = self._scheduler.acquire(task.request.difficulty, task.id, "task")
+            lease = await self._acquire(task.request.difficulty, task.id, "task", task.request.model_id)
         except Unavailable as exc:
             raise Unavailable(
                 f"{exc.message} now that the model is fetched (it stays cached: a new submission starts at once"

@@ -75,7 +75,7 @@ class OneOffReattacher:
             if gpu is None:
                 return f"its GPU {labels.get(LABEL_GPU)!r} is not one this gpud manages"
             try:
-                lease = self._scheduler.adopt(gpu.index, task_id, "task")
+                lease = self._scheduler.adopt(gpu.index, task_id, "task", task.request.model_id)
             except Conflict as exc:
                 return f"a duplicate: {exc.message}"
         user = worker_user(self._ids, task.preset, labels, task_id)

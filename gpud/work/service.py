@@ -14,6 +14,7 @@ from gpud.metrics import Metrics
 from gpud.modelstore import ModelStore
 from gpud.runtime.base import ContainerRuntime, EngineUnavailable
 from gpud.settings import LiveConfig
+from gpud.work.capacity import Capacity
 from gpud.work.events import EventLimits
 from gpud.work.journal import Journal
 from gpud.work.oneoff import OneOffRunner
@@ -21,6 +22,7 @@ from gpud.work.removals import PendingRemovals
 from gpud.work.request import TaskRequest, TaskType
 from gpud.work.sessions.manager import SessionManager
 from gpud.work.task import Task, TaskRegistry, new_id
+from gpud.work.taskmetrics import TaskMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class TaskService:
         metrics: Metrics,
         journal: Journal | None = None,
         removals: PendingRemovals | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self._config = config
         self._runtime = runtime
@@ -53,11 +56,16 @@ class TaskService:
         self._oneoff = oneoff
         self.sessions = sessions
         self._metrics = metrics
+        # Leases for new work: a free GPU, or an idle session's, ended for it (GPUD_SESSION_EVICT_IDLE).
+        self._capacity = capacity or Capacity(scheduler, sessions, config, metrics)
+        self._observe = TaskMetrics(metrics)
         self.registry = TaskRegistry(
             lambda: config.settings.task_retention_seconds,
-            on_finish=self._observe,
+            on_finish=self._observe.finished,
             retention_bytes=lambda: config.settings.task_retention_max_bytes,
             records=journal,
+            on_running=self._observe.running,
+            on_first_output=self._observe.first_output,
         )
         self.journal = journal
         # Containers the engine would not remove (it did not answer): the janitor tries them again.
@@ -80,23 +88,24 @@ class TaskService:
             raise EngineUnavailable(f"the {health.runtime} engine is not reachable: {health.detail}", retry_after=5.0)
         task = Task(request=request, preset=preset, limits=self.event_limits())
         if request.task_type is TaskType.ONEOFF:
-            lease = self._oneoff_lease(task)
+            lease = await self._oneoff_lease(task)
             user = self._or_release(lease, lambda: self._oneoff.admit(task))
             self._spawn(self._oneoff.run(task, lease, user), task)
         else:
-            lease = self._scheduler.acquire(request.difficulty, new_id(), "session")
+            lease = await self._capacity.acquire(request.difficulty, new_id(), "session", request.model_id)
             self._or_release(lease, lambda: self.sessions.open(task, lease))
         self.registry.add(task)
         return task
 
-    def _oneoff_lease(self, task: Task) -> Lease | None:
-        """The GPU, leased now when the model is cached. Otherwise None, once a free GPU is seen (a 503 now if
-        none is): the run leases it after the fetch, so a slow file service holds no GPU (docs/model-store.md)."""
+    async def _oneoff_lease(self, task: Task) -> Lease | None:
+        """The GPU, leased now when the model is cached. Otherwise None, once a free GPU (or an idle session's) is
+        seen (a 503 now if none is): the run leases it after the fetch, so a slow file service holds no GPU
+        (docs/model-store.md)."""
         difficulty = task.request.difficulty
         if not self._store.cached(task.request.model_id):
-            self._scheduler.check(difficulty)
+            self._capacity.check(difficulty)
             return None
-        lease = self._scheduler.acquire(difficulty, task.id, "task")
+        lease = await self._capacity.acquire(difficulty, task.id, "task", task.request.model_id)
         task.gpu_id = lease.gpu.index
         return lease
 
@@ -131,11 +140,6 @@ class TaskService:
             log_line_bytes=settings.log_line_max_bytes,
             delta_bytes=settings.text_delta_max_bytes,
         )
-
-    def _observe(self, task: Task) -> None:
-        labels = (task.request.task_type.value, task.status.value)
-        self._metrics.tasks_finished.labels(*labels).inc()
-        self._metrics.task_duration.labels(*labels).observe(task.elapsed())
 
     def _check_model(self, model_id: str) -> None:
         """Bad ids are 400; a model that is absent with auto-fetch off is 404 before any GPU is leased."""
@@ -179,7 +183,8 @@ class TaskService:
                     continue
                 if now - left >= settings.client_gone_grace_seconds:
                     logger.info("task %s: no client for %.0fs; cancelling", task.id, now - left)
-                    await task.cancel("client_gone")
+                    if await task.cancel("client_gone"):
+                        self._observe.client_gone()
             self.registry.purge()
             self.sessions.purge(settings.task_retention_seconds)
             if self.journal is not None:

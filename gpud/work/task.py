@@ -13,8 +13,10 @@ from typing import Any, Protocol
 from gpud.errors import NotFound
 from gpud.jsonsafe import clean_text
 from gpud.settings.presets import Preset
+from gpud.work import tasklog
 from gpud.work.events import Event, EventLimits, EventType, TaskEventLog
 from gpud.work.request import TaskRequest
+from gpud.work.timings import TaskTimings
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class Task:
     exit_code: int | None = None
     error: TaskError | None = None
     result: dict[str, Any] | None = None
+    # Where its time went (the runner records the phases; reported on the task and in task_finish).
+    timings: TaskTimings = field(default_factory=TaskTimings)
     # The bounds of the task's events and output (from settings, via the service).
     limits: EventLimits = field(default_factory=EventLimits)
     log: TaskEventLog = field(init=False)
@@ -94,6 +98,8 @@ class Task:
     on_finish: Callable[[Task], None] | None = None
     # Called when the task starts running (the registry records it).
     on_running: Callable[[Task], None] | None = None
+    # Called at the task's first output (text or text_delta; the registry observes it).
+    on_first_output: Callable[[Task], None] | None = None
 
     def __post_init__(self) -> None:
         self.log = TaskEventLog(self.id, limits=self.limits)
@@ -119,20 +125,34 @@ class Task:
         """Make `log`, the stored ending of this finished task (its `text` and `task_finish`), its log."""
         self.log = log
         self._text_event = next((e for e in log.events() if e.type is EventType.TEXT), None)
+        finish = next((e for e in log.events() if e.type is EventType.TASK_FINISH), None)
+        if finish is not None:
+            self.timings = TaskTimings.from_report(finish.data.get("timings"), self.created_at)
 
     def emit(self, type: EventType, **data: Any) -> None:
         """Append an event to the task's stream (text deltas are also collected as the output, up to its limit)."""
+        if type is EventType.TEXT_DELTA and data.get("delta"):
+            self._output_began()
         self.log.append(type, data)
 
     def set_text(self, text: str) -> None:
         """Make `text` the whole output (a worker's complete text), cut at the output limit."""
+        if text:
+            self._output_began()
         self.log.output.replace(clean_text(text))
+
+    def _output_began(self) -> None:
+        if self.timings.first_output_at is None:
+            self.timings.first_output_at = time.time()
+            if self.on_first_output is not None:
+                self.on_first_output(self)
 
     def mark_running(self) -> None:
         """The task has started on a worker."""
         if not self.final:
             self.status = TaskStatus.RUNNING
             self.started_at = time.time()
+            tasklog.started(self)
             if self.on_running is not None:
                 self.on_running(self)
 
@@ -152,7 +172,12 @@ class Task:
         self.error = error
         self.exit_code = exit_code
         self.cancel_hook = None
-        data: dict[str, Any] = {"status": status.value, "elapsed_seconds": round(self.elapsed(), 3)}
+        data: dict[str, Any] = {
+            "status": status.value,
+            "elapsed_seconds": round(self.elapsed(), 3),
+            "gpu_id": self.gpu_id,
+            "timings": self.timings.report(self.created_at, self.started_at, self.finished_at),
+        }
         if self.output_truncated:
             data["output_truncated"] = True
         if error is not None:
@@ -174,7 +199,7 @@ class Task:
                     self.on_finish(self)
                 except Exception:
                     logger.exception("task %s: finish observer failed", self.id)
-        logger.info("task %s %s%s", self.id, status.value, f" ({error.code}: {error.message})" if error else "")
+        tasklog.finished(self)
         return True
 
     def release(self) -> int:
@@ -214,6 +239,7 @@ class Task:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "elapsed_seconds": round(self.elapsed(), 3),
+            "timings": self.timings.report(self.created_at, self.started_at, self.finished_at),
             "timeout_seconds": self.request.timeout_seconds,
             "exit_code": self.exit_code,
             "error": self.error.to_dict() if self.error else None,
@@ -253,19 +279,30 @@ class TaskRegistry:
         on_finish: Callable[[Task], None] | None = None,
         retention_bytes: Callable[[], int] | None = None,
         records: TaskRecords | None = None,
+        on_running: Callable[[Task], None] | None = None,
+        on_first_output: Callable[[Task], None] | None = None,
     ) -> None:
         self._tasks: dict[str, Task] = {}
         self._retention = retention_seconds
         self._retention_bytes = retention_bytes or (lambda: 512 * 1024 * 1024)
         self._on_finish = on_finish
+        self._on_running = on_running
         self._records = records
+        self._on_first_output = on_first_output
 
     def add(self, task: Task) -> None:
         """Register a new task."""
         self._tasks[task.id] = task
         task.on_finish = self._finished
+        task.on_running = self._running
+        task.on_first_output = self._on_first_output
         if self._records is not None:
-            task.on_running = self._records.task_changed
+            self._records.task_changed(task)
+
+    def _running(self, task: Task) -> None:
+        if self._on_running is not None:
+            self._on_running(task)
+        if self._records is not None:
             self._records.task_changed(task)
 
     def _finished(self, task: Task) -> None:

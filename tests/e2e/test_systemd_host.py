@@ -146,6 +146,24 @@ def test_install_puts_gpud_on_path_and_starts_after_ready(installed: Host) -> No
     assert status["runtime"]["reachable"] is True, status
 
 
+def test_install_writes_an_api_key_that_scrapes_metrics(installed: Host) -> None:
+    """The shipped Prometheus config sends /etc/gpud/api-key as a Bearer token: the install must make that work."""
+    host = installed
+    assert host.sh("stat -c '%a %U' /etc/gpud/api-key").stdout.split() == ["600", "root"]  # no prometheus group here
+    scrape = (
+        "import sys, urllib.request, urllib.error\n"
+        "key = open('/etc/gpud/api-key').read().strip()\n"
+        "for headers in ({'Authorization': 'Bearer ' + key}, {}):\n"
+        "    request = urllib.request.Request('http://127.0.0.1:8001/metrics', headers=headers)\n"
+        "    try:\n"
+        "        print(urllib.request.urlopen(request, timeout=10).status)\n"
+        "    except urllib.error.HTTPError as exc:\n"
+        "        print(exc.code)\n"
+    )
+    assert host.sh(f'python3 -c "{scrape}"').stdout.split() == ["200", "401"]
+    assert host.sh("test -f /usr/local/share/doc/gpud/prometheus/gpud.yml && echo ok").stdout.strip() == "ok"
+
+
 def test_sandbox_is_applied(installed: Host) -> None:
     host = installed
     pid = host.main_pid()

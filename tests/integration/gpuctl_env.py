@@ -55,8 +55,9 @@ class GpudHost:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def start_host(env: Mapping[str, str] | None = None) -> GpudHost:
-    """Start gpud with the process runtime, the example presets, and a cached model holding tokens.txt."""
+def start_host(env: Mapping[str, str] | None = None, args: Sequence[str] = ()) -> GpudHost:
+    """Start gpud with the process runtime, the example presets, and a cached model holding tokens.txt; `args`
+    go to `gpud run`."""
     base = Path(tempfile.mkdtemp(prefix="gctl-", dir="/tmp"))
     base.chmod(0o755)
     model_dir = base / "models" / MODEL_ID
@@ -77,6 +78,7 @@ def start_host(env: Mapping[str, str] | None = None) -> GpudHost:
             "ALLOWED_DOCKER_IMAGES": "gpud-worker-python:*",
             **(env or {}),
         },
+        args=list(args),
     )
     try:
         daemon.start()

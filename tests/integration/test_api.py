@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from aiohttp import web
@@ -19,24 +19,49 @@ async def stack() -> AsyncIterator[Stack]:
         yield opened
 
 
+UNAUTHORIZED = "missing or invalid API key (send X-API-Key: <key> or Authorization: Bearer <key>)"
+
+
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"X-API-Key": ""}, {"X-API-Key": "wrong"}, {"X-API-Key": API_KEY + "x"}, {"X-API-Key": "k" * 4000}],
-    ids=["missing", "empty", "wrong", "prefix", "oversized"],
-)
+    [
+        {},
+        {"X-API-Key": ""},
+        {"X-API-Key": "wrong"},
+        {"X-API-Key": API_KEY + "x"},
+        {"X-API-Key": "k" * 4000},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Bearer"},
+        {"Authorization": f"Bearer {API_KEY}x"},
+        {"Authorization": f"Basic {API_KEY}"},
+        {"Authorization": API_KEY},
+        {"X-API-Key": "wrong", "Authorization": f"Bearer {API_KEY}"},
+    ],
+    ids=[
+        "missing", "empty", "wrong", "prefix", "oversized", "bearer-wrong", "bearer-no-key", "bearer-prefix",
+        "basic", "no-scheme", "x-api-key-wins",
+    ],
+)  # fmt: skip
 async def test_every_bad_key_gets_the_same_401(stack: Stack, headers: dict[str, str]) -> None:
     for method, path in [("GET", "/api/tasks"), ("POST", "/api/tasks/submit"), ("GET", "/metrics")]:
         async with stack.session.request(method, f"{stack.url}{path}", headers=headers) as response:
             assert response.status == 401
-            assert await response.json() == {
-                "error": {"code": "unauthorized", "message": "missing or invalid API key (X-API-Key)"}
-            }
+            assert await response.json() == {"error": {"code": "unauthorized", "message": UNAUTHORIZED}}
 
 
-async def test_any_configured_key_is_accepted(stack: Stack) -> None:
+@pytest.mark.parametrize(
+    "send",
+    [lambda key: {"X-API-Key": key}, lambda key: {"Authorization": f"Bearer {key}"}],
+    ids=["x-api-key", "bearer"],
+)
+async def test_any_configured_key_is_accepted_either_way(stack: Stack, send: Callable[[str], dict[str, str]]) -> None:
     for key in (API_KEY, "second-key"):
-        async with stack.session.get(f"{stack.url}/api/tasks", headers={"X-API-Key": key}) as response:
-            assert response.status == 200
+        for path in ("/api/tasks", "/metrics"):
+            async with stack.session.get(f"{stack.url}{path}", headers=send(key)) as response:
+                assert response.status == 200
+    # The scheme's name is case-insensitive (RFC 7235).
+    async with stack.session.get(f"{stack.url}/api/tasks", headers={"Authorization": f"bearer {API_KEY}"}) as r:
+        assert r.status == 200
 
 
 async def test_health_needs_no_key_and_describes_the_host(stack: Stack) -> None:
@@ -77,7 +102,7 @@ async def test_metrics_with_key(stack: Stack) -> None:
     await stack.get("/api/tasks")
     async with stack.session.get(f"{stack.url}/metrics", headers={"X-API-Key": API_KEY}) as response:
         text = await response.text()
-    assert response.status == 200 and "gpud_info" in text
+    assert response.status == 200 and 'gpud_build_info{python="' in text
     assert 'gpud_http_requests_total{app="public",route="/api/tasks",status="200"}' in text
 
 
@@ -113,5 +138,5 @@ async def test_metrics_are_derived_from_live_state(stack: Stack) -> None:
     assert 'gpud_task_duration_seconds_count{status="completed",type="oneoff"} 1.0' in text
     assert 'gpud_gpu_leased{difficulty="low",gpu="0",uuid="GPU-static-0"} 1.0' in text  # the live session
     assert 'gpud_gpu_leased{difficulty="high",gpu="1",uuid="GPU-static-1"} 0.0' in text
-    assert 'gpud_sessions{state="ready"} 1.0' in text and 'gpud_tasks{status="completed"} 2.0' in text
+    assert 'gpud_sessions{state="ready"} 1.0' in text and 'gpud_tasks_retained{status="completed"} 2.0' in text
     assert "gpud_session_queued_tasks 0.0" in text

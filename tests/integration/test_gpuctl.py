@@ -161,7 +161,8 @@ def test_gpus(gpuctl: Gpuctl) -> None:
     body = gpuctl("gpus", "-o", "json").json()
     assert [(g["id"], g["difficulty"], g["drained"]) for g in body["gpus"]] == [(0, "low", False), (1, "high", False)]
     lines = gpuctl("gpus").stdout.splitlines()
-    assert lines[0].split() == ["ID", "DIFFICULTY", "NAME", "MEMORY", "UTIL", "TEMP", "LEASE", "DRAINED", "ERROR"]
+    headers = ["ID", "DIFFICULTY", "NAME", "MEMORY", "UTIL", "TEMP", "LEASE", "HEALTH", "DRAINED", "ERROR"]
+    assert lines[0].split() == headers
     assert lines[1].split()[:2] == ["0", "low"] and lines[2].split()[:2] == ["1", "high"]
     # aligned: every row's DIFFICULTY column starts where the header's does
     col = lines[0].index("DIFFICULTY")
@@ -212,8 +213,12 @@ def test_submit_prints_text_and_events(gpuctl: Gpuctl) -> None:
     assert verbose.stderr.startswith("task ")
     assert "connection  status=session_ready" in verbose.stderr and "task_finish status=completed" in verbose.stderr
     assert "[stderr] prompt='hi' max_tokens=2" in verbose.stderr
-    busy = gpuctl("submit", MODEL_ID, "stream")  # a new session needs a free 'low' GPU
-    assert busy.code == 1 and "no_gpu_available" in busy.stderr and "(HTTP 503)" in busy.stderr
+    # A new session finds the only 'low' GPU held by that idle session: it ends it (GPUD_SESSION_EVICT_IDLE) and
+    # runs there at once, where it used to get 503 until the idle timeout; the old id now answers 410.
+    second = gpuctl("submit", MODEL_ID, "stream", "--meta", "max_tokens=2")
+    assert second.code == 0 and second.stdout == expected_text(2) + "\n", second.stderr
+    evicted = gpuctl("submit", MODEL_ID, "stream", "--session", session_id)
+    assert evicted.code == 1 and "session_evicted" in evicted.stderr and "(HTTP 410)" in evicted.stderr
 
 
 def test_submit_oneoff_and_metadata_file(gpuctl: Gpuctl, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ COVERED = {
     "session_idle_timeout_seconds": "test_idle_timeout_ends_a_live_session",
     "session_max_lifetime_seconds": "test_max_lifetime_ends_a_live_session",
     "session_queue_max_size": "test_queue_size",
+    "session_evict_idle": "test_session_eviction",
     "default_task_timeout": "test_task_timeouts",
     "max_task_timeout": "test_task_timeouts",
     "client_gone_grace_seconds": "test_client_gone_grace",
@@ -171,6 +172,16 @@ async def test_queue_size(r: Reloading) -> None:
             status, body = await submit_status(r.stack, r.stack.body("session", session_id=session_id))
             assert status == 429 and body and body["error"]["code"] == "session_queue_full"
         await r.stack.call("DELETE", f"/api/sessions/{session_id}")
+
+
+async def test_session_eviction(r: Reloading) -> None:
+    idle = await open_session(r.stack)  # holds GPU 0, the only 'low' one
+    await r.reload(GPUD_SESSION_EVICT_IDLE="false")
+    status, body = await submit_status(r.stack, r.stack.body("session"))
+    assert status == 503 and body and body["error"]["code"] == "no_gpu_available"
+    await r.reload(GPUD_SESSION_EVICT_IDLE="true")
+    assert (await open_session(r.stack)) != idle
+    assert await session_ended(r.stack, idle) == "evicted"
 
 
 async def test_task_timeouts(r: Reloading) -> None:

@@ -126,6 +126,19 @@ latin1 = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_c
 )
 path_values = st.sampled_from(["", "x", "..", "%00", "a" * 300]) | st.text(max_size=60)
 api_keys = mostly(st.just(KEY), st.sampled_from(["", "wrong", "\xff"]) | latin1, percent=80)
+# How the document says a key may be sent (X-API-Key, Authorization: Bearer); other Authorization schemes too.
+SCHEMES = SPEC["components"]["securitySchemes"]
+
+
+def key_header(scheme: str, key: str) -> dict[str, str]:
+    """The header carrying `key` the way the named security scheme (or a scheme gpud does not take) says."""
+    if scheme == "basic":
+        return {"Authorization": f"Basic {key}".strip()}
+    spec = SCHEMES[scheme]
+    if spec["type"] == "apiKey":
+        return {spec["name"]: key}
+    assert (spec["type"], spec.get("scheme")) == ("http", "bearer"), f"the fuzzer does not know scheme {spec}"
+    return {"Authorization": f"Bearer {key}".strip()}  # an empty key: `Bearer` alone
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +170,8 @@ def requests_for(draw: st.DrawFn) -> tuple[str, str, dict[str, str], bytes | Non
     path = template
     for name in ("task_id", "session_id"):
         path = path.replace("{" + name + "}", urllib.parse.quote(draw(path_values), safe=""))
-    headers = {"X-API-Key": draw(api_keys)} if draw(st.booleans()) or method != "GET" else {}
+    scheme = draw(mostly(st.sampled_from(sorted(SCHEMES)), st.just("basic"), percent=90))
+    headers = key_header(scheme, draw(api_keys)) if draw(st.booleans()) or method != "GET" else {}
     if draw(st.booleans()):
         headers["Last-Event-ID"] = draw(latin1)
     if draw(st.booleans()):

@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[2] / "gpud"
 
 # Higher rooms may import lower ones, never the reverse (data flows downward: api -> work -> gpu/... -> worker).
 RANKS = {
-    "gpud.__main__": 7,
-    "gpud.daemon": 6,
-    "gpud.api": 5,
+    "gpud.__main__": 8,
+    "gpud.daemon": 7,
+    "gpud.api": 6,
+    "gpud.fleet": 5,  # fleet mode: used by the api and the daemon, uses work, gpu and settings
     "gpud.work": 4,
     "gpud.gpu": 3,
     "gpud.modelstore": 3,

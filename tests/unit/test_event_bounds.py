@@ -199,7 +199,7 @@ def test_released_log_keeps_only_task_finish_and_replays_cleanly() -> None:
     freed = task.release()
     assert freed > 20_000 and task.released and task.text == ""
     assert [e.id for e in task.log.events()] == [last] and [e.id for e in task.log.events(3)] == [last]
-    assert task.log.retained_bytes < 200 and task.report()["released"] is True
+    assert task.log.retained_bytes < 400 and task.report()["released"] is True  # task_finish, its timings included
 
 
 def test_registry_releases_the_oldest_finished_tasks_past_its_byte_budget() -> None:

@@ -96,16 +96,16 @@ def test_no_gpu_with_that_difficulty() -> None:
 
 
 def test_nvml_samples_reach_the_metrics() -> None:
-    from gpud.daemon.state_metrics import StateCollector
+    from gpud.daemon.gpu_metrics import GpuCollector
+    from gpud.gpu.health import GpuHealth
     from gpud.metrics import Metrics
-    from gpud.work.sessions.record import SessionRegistry
-    from gpud.work.task import TaskRegistry
 
     inventory = open_inventory("nvml", (), {0: "high"}, nvml=FakeNvml(count=1))
     metrics = Metrics()
-    metrics.watch(StateCollector(inventory, Scheduler(inventory), TaskRegistry(lambda: 60.0), SessionRegistry()))
+    scheduler = Scheduler(inventory)
+    metrics.watch(GpuCollector(inventory, scheduler, GpuHealth(inventory, scheduler)))
     text = metrics.render().decode()
     labels = '{difficulty="high",gpu="0",uuid="GPU-0000-0"}'
-    assert f"gpud_gpu_utilization_percent{labels} 40.0" in text
+    assert f"gpud_gpu_utilization_ratio{labels} 0.4" in text
     assert f"gpud_gpu_memory_used_bytes{labels} 1.073741824e+09" in text
     assert f"gpud_gpu_temperature_celsius{labels} 55.0" in text

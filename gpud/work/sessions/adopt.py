@@ -103,7 +103,7 @@ class SessionAdopter:
         if gpu is None:
             return f"its GPU {labels.get(LABEL_GPU)!r} is not one this gpud manages"
         try:
-            lease = self._scheduler.adopt(gpu.index, session_id, "session")
+            lease = self._scheduler.adopt(gpu.index, session_id, "session", preset.model_id)
         except Conflict as exc:
             return f"a duplicate: {exc.message}"
         user = worker_user(self._ids, preset, labels, session_id)

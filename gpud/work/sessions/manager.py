@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from gpud.clock import Clock, SystemClock
 from gpud.errors import GpudError
 from gpud.gpu.scheduler import Lease, Scheduler
+from gpud.metrics import Metrics
 from gpud.modelstore import ModelStore
 from gpud.runtime.base import ContainerRuntime
 from gpud.settings import LiveConfig
@@ -42,7 +44,9 @@ class SessionManager:
         ids: WorkerIds,
         records: SessionRecords | None = None,
         removals: PendingRemovals | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._runtime = runtime
         self._store = store
         self._scheduler = scheduler
@@ -176,6 +180,8 @@ class SessionManager:
                 worker = await self._run(session, worker, task)
         except WorkerCrashed as exc:
             crash = exc
+            if exc.code == "worker_crashed" and self._metrics is not None:  # not a failed fetch or image
+                self._metrics.worker_crashes.labels("session").inc()
         except Exception as exc:
             logger.exception("session %s failed unexpectedly", session.id)
             crash = WorkerCrashed(f"internal error: {exc}", None, [])
@@ -194,18 +200,23 @@ class SessionManager:
 
     async def _start_worker(self, session: Session, first: Task) -> SessionWorker:
         """Fetch the model and image, start the worker, wait for ready, then tell the waiting tasks."""
+        started = time.monotonic()
         model_dir = await self._store.ensure(first.request.model_id, model_progress(first), holder=session.id)
+        fetched = time.monotonic()
         await self._runtime.ensure_image(session.preset.image, image_progress(first))
         worker = self.worker_for(session, first.id, model_dir, self._users[session.id])
         self._workers[session.id] = worker
+        created_at = [fetched]
 
         def created(container_id: str) -> None:
+            created_at[0] = time.monotonic()
             session.container_id = container_id
             for task in session.queue:
                 task.emit(EventType.WORKER, status="created", container_id=container_id, session_id=session.id)
                 task.emit(EventType.WORKER, status="loading", container_id=container_id, session_id=session.id)
 
         ready = await worker.start(created)
+        self._observe_start(session, first, started, fetched, created_at[0])
         session.ready_info = {"pid": ready.pid, "seconds_to_ready": round(ready.seconds_to_ready, 3), **ready.info}
         session.move(SessionState.READY)
         session.touch()
@@ -214,6 +225,16 @@ class SessionManager:
                 EventType.CONNECTION, status="session_ready", gpu_id=session.lease.gpu.index, session_id=session.id
             )
         return worker
+
+    def _observe_start(self, session: Session, first: Task, started: float, fetched: float, created: float) -> None:
+        """A worker is ready: the start's phases go on the task that waited for it, and into the metrics."""
+        now = time.monotonic()
+        if not first.final:
+            first.timings.model_fetch_seconds = fetched - started
+            first.timings.worker_start_seconds = now - fetched
+        if self._metrics is not None:
+            self._metrics.session_start.labels(session.preset.model_id).observe(now - started)
+            self._metrics.worker_ready.labels(session.preset.model_id).observe(now - created)
 
     async def _next_task(self, session: Session, worker: SessionWorker) -> Task | None:
         """The next queued task, or None when the session must end (stop requested, idle, lifetime, crash)."""
@@ -280,6 +301,8 @@ class SessionManager:
         logger.warning("session %s: worker did not stop task %s in time; restarting it", session.id, task.id)
         session.move(SessionState.STARTING)
         session.restarts += 1
+        if self._metrics is not None:
+            self._metrics.session_restarts.inc()
         if not await old.stop() and old.container_id is not None:  # removed later; the session keeps the GPU
             self._removals.hold_all([old.container_id], f"session {session.id}", lambda: None)
         self._store.release(session.preset.model_id, session.id)

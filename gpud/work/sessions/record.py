@@ -116,6 +116,10 @@ class Session:
         """Raise the error a new task for this session gets, if it cannot be queued."""
         if self.is_over or self.stop_reason is not None:
             reason = self.end_reason or self.stop_reason
+            if reason == "evicted":  # its own code: a client may simply open a new session
+                raise Gone(
+                    f"session {self.id} was evicted: it was idle when new work needed its GPU", code="session_evicted"
+                )
             raise Gone(f"session {self.id} has ended ({reason})", code="session_ended")
         if self.clock.monotonic() >= self.expires_at(max_lifetime):
             raise Gone(f"session {self.id} reached its max lifetime and takes no new tasks", code="session_expired")

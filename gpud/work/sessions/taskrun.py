@@ -36,6 +36,7 @@ STOP_REASONS = {
     "idle_timeout": "the session was idle past SESSION_IDLE_TIMEOUT_SECONDS",
     "max_lifetime": "the session reached SESSION_MAX_LIFETIME_SECONDS",
     "shutdown": "gpud is shutting down",
+    "evicted": "the session was idle and its GPU was given to new work (GPUD_SESSION_EVICT_IDLE)",
 }
 
 
