@@ -14,16 +14,20 @@ import argparse
 import asyncio
 import os
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from gpud.runtime import make_runtime
-from gpud.runtime.base import ContainerRuntime, ContainerSpec
-from gpud.settings.presets import Limits
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import emit  # noqa: E402
+from gpud.runtime import make_runtime  # noqa: E402
+from gpud.runtime.base import ContainerRuntime, ContainerSpec  # noqa: E402
+from gpud.settings.presets import Limits  # noqa: E402
+
 IMAGE = os.environ.get("GPUD_TEST_WORKER_IMAGE", "gpud-worker-python:latest")
 ENGINES_DIR = os.environ.get("GPUD_ENGINES_DIR", "/tmp/gpud-engines")
 SOCKETS = {
@@ -116,12 +120,19 @@ async def main() -> None:
     """Benchmark each running engine."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--engines", default="podman,docker", help="comma-separated (default podman,docker)")
     args = parser.parse_args()
     os.environ.setdefault("CONTAINERS_CONF", str(REPO / "tests/engines/containers.conf"))
-    for engine in ("podman", "docker"):
+    rows = {}
+    for engine in args.engines.split(","):
         medians = await bench_engine(engine, args.rounds)
         if medians is not None:
             report(engine, medians, args.rounds)
+            for what in ("running", "exit"):
+                rows[f"container_{what}_{engine}"] = {
+                    "gpud": medians[f"gpud {what}"], "baseline": medians[f"cli {what}"], "unit": "s"
+                }  # fmt: skip
+    emit("container_start", rows)
 
 
 if __name__ == "__main__":

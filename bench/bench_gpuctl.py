@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import emit  # noqa: E402
 from tests.integration.gpuctl_env import MODEL_ID, gpuctl_command, gpuctl_env, run_gpuctl, start_host  # noqa: E402
 
 # Python start-up floors printed next to the result (each prints JSON so `timed` can check it).
@@ -114,6 +115,10 @@ def main() -> None:
     if "--importtime" in sys.argv:
         print("slowest imports of gpuctl.cli (cumulative):")
         print("\n".join(import_highlights()))
+    remote = " (remote, over the engine's API socket)" if "--url" in podman else ""
+    row = {"gpud": g * 1000, "baseline": p * 1000, "unit": "ms", "baseline_name": "podman ps --format json" + remote}
+    row |= {f"floor {name}": seconds * 1000 for name, seconds in floors.items()}
+    emit("gpuctl", {"gpuctl_ls": row})
 
 
 if __name__ == "__main__":

@@ -20,10 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpud.modelstore import ModelStore
-from gpud.settings.presets import parse_size
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import emit  # noqa: E402
+from gpud.modelstore import ModelStore  # noqa: E402
+from gpud.settings.presets import parse_size  # noqa: E402
+
 MODEL_ID = "bench-model"
 KEY = "bench-key"
 
@@ -127,6 +130,11 @@ def report(times: dict[str, list[float]], size: int) -> None:
         print(f"  {name:11s} median {t:.3f} s  ({mib / t:7.0f} MiB/s)   rounds: {rounds}")
     print(f"ratio store/curl (throughput, goal >= 0.8): {med['curl'] / med['store']:.2f}")
     print(f"ratio store/(curl+fsync):                   {med['curl+fsync'] / med['store']:.2f}")
+    # Throughputs (MiB/s): the ratio gpud/curl is then the "curl time / store time".
+    row = {"gpud": mib / med["store"], "baseline": mib / med["curl"], "unit": "MiB/s", "size_mib": mib}
+    row["baseline_fsync"] = mib / med["curl+fsync"]
+    row |= {f"{name} s": t for name, t in med.items()}
+    emit("model_fetch", {"model_fetch": row})
 
 
 if __name__ == "__main__":

@@ -15,10 +15,14 @@ import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import emit
 from gpud.api.sse import format_event, stream_task_events
 from gpud.work.events import EventType, TaskEventLog
 
@@ -149,6 +153,7 @@ RUNS: dict[str, Callable[[int, str], Awaitable[tuple[float, int]]]] = {
 
 async def main(n: int) -> None:
     print(f"SSE benchmark: {n} text_delta events per run, best of {ROUNDS}")
+    rows = {}
     for scenario in ("replay-cold", "replay-warm", "live"):
         best: dict[str, tuple[float, int]] = {}
         for _ in range(ROUNDS):
@@ -164,6 +169,9 @@ async def main(n: int) -> None:
             )
         for base in ("bare", "bare-batched"):
             print(f"  {scenario:11} ratio gpud/{base} throughput: {best[base][0] / best['gpud'][0]:.2f}x")
+        key = "sse_" + scenario.replace("-", "_")
+        rows[key] = {"gpud": n / best["gpud"][0], "baseline": n / best["bare"][0], "unit": "events/s", "events": n}
+    emit("sse", rows)
 
 
 if __name__ == "__main__":

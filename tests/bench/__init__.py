@@ -1,0 +1,1 @@
+"""Smoke tests of the benchmarks: they run and report every row; what they measure is not asserted."""
