@@ -14,10 +14,12 @@ if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
-  # The fleet tests start their own etcd members; Debian's etcd.service (started at install under systemd)
-  # would hold port 2379 and keep running: stop it.
-  if [[ " ${missing[*]} " == *" etcd-server "* && -d /run/systemd/system ]]; then
-    $SUDO systemctl disable --now etcd.service || true
+  # The fleet and monitoring tests start their own etcd members and Prometheus; the services Debian starts at
+  # install under systemd would hold ports 2379 and 9090 and keep running: stop what this install started.
+  if [[ -d /run/systemd/system ]]; then
+    for pair in etcd-server:etcd prometheus:prometheus; do
+      if [[ " ${missing[*]} " == *" ${pair%%:*} "* ]]; then $SUDO systemctl disable --now "${pair#*:}.service" || true; fi
+    done
   fi
 fi
 
