@@ -37,7 +37,7 @@ RESPONSE_BOUND_SECONDS = 20.0
 OPERATIONS = sorted(
     (method.upper(), path)
     for path, item in SPEC["paths"].items()
-    if item.get("x-gpud-app") != "admin"
+    if item.get("x-gpud-app") != "admin" and item.get("x-gpud-mode") != "fleet"
     for method in item
     if method in {"get", "post", "delete"}
 )

@@ -21,11 +21,14 @@ METHODS = {"get", "post", "put", "delete", "patch"}
 Route = tuple[str, str]
 
 
-def documented(admin: bool) -> set[Route]:
-    """(METHOD, path) pairs the document lists for one app (the admin app serves the public routes too)."""
+def documented(admin: bool, fleet: bool = False) -> set[Route]:
+    """(METHOD, path) pairs the document lists for one app (the admin app serves the public routes too; routes
+    marked `x-gpud-mode: fleet` exist only in fleet mode)."""
     routes = set()
     for path, item in SPEC["paths"].items():
         if item.get("x-gpud-app") == "admin" and not admin:
+            continue
+        if item.get("x-gpud-mode") == "fleet" and not fleet:
             continue
         routes |= {(method.upper(), path) for method in item if method in METHODS}
     return routes
@@ -40,9 +43,8 @@ def served(app: web.Application) -> set[Route]:
     }
 
 
-@pytest.fixture
-async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    environ = {
+def environment(tmp_path: Path) -> dict[str, str]:
+    return {
         "GPUD_GPU_BACKEND": "static",
         "GPU_DEVICE_IDS": "0",
         "GPUD_RUNTIME": "process",
@@ -50,6 +52,20 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
         "MODEL_CACHE_DIR": str(tmp_path / "models"),
         "GPUD_PRESETS_FILE": str(REPO / "etc" / "gpud" / "models.yaml"),
     }
+
+
+@pytest.fixture
+async def services(tmp_path: Path) -> AsyncIterator[Services]:
+    built = create_services(load(None, environ=environment(tmp_path)))
+    yield built
+    await built.runtime.close()
+
+
+@pytest.fixture
+async def fleet_services(tmp_path: Path) -> AsyncIterator[Services]:
+    """Fleet mode, not started: building the apps needs no etcd."""
+    environ = {**environment(tmp_path), "GPUD_ETCD_ENDPOINTS": "http://127.0.0.1:9", "GPUD_FLEET_KEY": "fleet-key"}
+    environ["GPUD_ADVERTISE_URL"] = "http://127.0.0.1:8001"
     built = create_services(load(None, environ=environ))
     yield built
     await built.runtime.close()
@@ -61,6 +77,12 @@ async def test_the_public_app_serves_what_the_document_says(services: Services) 
 
 async def test_the_admin_app_serves_what_the_document_says(services: Services) -> None:
     assert served(make_admin_app(services.for_api(), PeerPolicy(None))) == documented(admin=True)
+
+
+async def test_fleet_mode_serves_the_fleet_routes_too(fleet_services: Services) -> None:
+    assert served(make_public_app(fleet_services.for_api())) == documented(admin=False, fleet=True)
+    admin = make_admin_app(fleet_services.for_api(), PeerPolicy(None))
+    assert served(admin) == documented(admin=True, fleet=True)
 
 
 def test_every_operation_documents_its_responses() -> None:
