@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import urllib.parse
 
 import click
 
@@ -23,6 +22,7 @@ from gpuctl.context import (
 )
 from gpuctl.fleet import fleet
 from gpuctl.output import cell
+from gpuctl.unixhttp import quote_segment
 from gpuctl.watch import repeat, watch_options
 from gpuctl.work import logs, sessions, submit, tasks
 
@@ -32,7 +32,7 @@ from gpud import __version__
 
 def _q(value: str) -> str:
     """A path segment, quoted."""
-    return urllib.parse.quote(value, safe="")
+    return quote_segment(value)
 
 
 @click.group(cls=GpuctlGroup, context_settings={"help_option_names": ["-h", "--help"]})

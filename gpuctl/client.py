@@ -9,14 +9,13 @@ import errno
 import json
 import os
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from gpuctl import unixhttp
 from gpuctl.trust import untrusted_reason
-from gpuctl.unixhttp import ConnectFailed, Response
+from gpuctl.unixhttp import ConnectFailed, Response, quote_segment
 
 DEFAULT_SOCKET = "/run/gpud/gpud.sock"
 # Requests that do real work on the daemon (model fetch, kill) may take long; plain reads are quick.
@@ -203,13 +202,13 @@ class Client:
 
     def events(self, task_id: str, after_id: int = 0) -> Iterator[SseEvent]:
         """A task's events after `after_id` until task_finish (replayed, then live), resuming if the stream breaks."""
-        quoted = urllib.parse.quote(task_id, safe="")
+        quoted = quote_segment(task_id)
         return self._follow(lambda: self._events_stream(quoted, after_id), quoted, after_id)
 
     def log_lines(self, session_id: str, *, follow: bool, tail: int | None) -> Iterator[dict[str, Any]]:
         """A session worker's log lines as {stream, line}; with follow, until the worker ends."""
         query: dict[str, Any] = {"format": "ndjson", "follow": "1" if follow else "0", "tail": tail}
-        path = _with_query(f"/api/sessions/{urllib.parse.quote(session_id, safe='')}/logs", query)
+        path = _with_query(f"/api/sessions/{quote_segment(session_id)}/logs", query)
         response = self.stream("GET", path)
         try:
             for raw in response.lines():
@@ -267,12 +266,16 @@ class Client:
 
 def _task_id(event: SseEvent) -> str | None:
     value = event.data.get("task_id")
-    return urllib.parse.quote(value, safe="") if isinstance(value, str) and value else None
+    return quote_segment(value) if isinstance(value, str) and value else None
 
 
 def _with_query(path: str, query: Mapping[str, Any]) -> str:
     present = {key: value for key, value in query.items() if value is not None}
-    return f"{path}?{urllib.parse.urlencode(present)}" if present else path
+    if not present:
+        return path
+    import urllib.parse  # only for the few commands with a query string (it is a start-up cost otherwise)
+
+    return f"{path}?{urllib.parse.urlencode(present)}"
 
 
 def _api_error(response: Response, raw: bytes) -> ApiError:

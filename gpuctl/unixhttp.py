@@ -14,6 +14,14 @@ from typing import BinaryIO
 
 MAX_HEADER_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024
+# What a path segment keeps as is (RFC 3986 unreserved); urllib.parse.quote(value, safe="") keeps the same.
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+
+
+def quote_segment(value: str) -> str:
+    """A URL path segment: every byte of the UTF-8 but the unreserved ones percent-encoded (as urllib.parse.quote
+    with safe="", without importing urllib.parse, which a production gpuctl would load only for this)."""
+    return "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in value.encode("utf-8"))
 
 
 class ConnectFailed(OSError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from gpuctl.client import SseEvent
 from gpuctl.context import App, ExitCode, describe, output_option, pass_app, render, show, warn
 from gpuctl.ids import SESSION, TASK, completer, started, with_id
 from gpuctl.output import json_line
+from gpuctl.unixhttp import quote_segment
 from gpuctl.watch import repeat, watch_options
 
 # Task statuses that end gpuctl with exit code 4.
@@ -26,7 +26,7 @@ TASK_STATUSES = {"active": ("queued", "running"), "completed": (), **{s: () for 
 
 
 def _q(value: str) -> str:
-    return urllib.parse.quote(value, safe="")
+    return quote_segment(value)
 
 
 # ---- sessions ---------------------------------------------------------------------------------------------------

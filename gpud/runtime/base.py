@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -253,8 +254,26 @@ class ContainerRuntime(Protocol):
     async def health(self) -> EngineHealth:
         """Whether the engine answers now; never raises."""
 
+    def reachable(self) -> bool:
+        """Whether the engine's socket takes a connection now: a cheap, local check (no request; health asks the
+        engine); never raises."""
+
     async def close(self) -> None:
         """Release connections and threads; containers keep running."""
+
+
+def unix_socket_accepts(path: str) -> bool:
+    """Whether a process listens on the Unix socket at `path`: a non-blocking connect, closed at once (no request
+    is sent; a Unix socket connect completes or fails at once, so this does not block)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except BlockingIOError:  # its backlog is full: it listens, and is busy
+            return True
+        except OSError:  # no such socket, or nothing listens on it (refused)
+            return False
+    return True
 
 
 def parse_timestamp(value: object) -> float:

@@ -38,7 +38,9 @@ from gpud.runtime.base import (
     ProgressCallback,
     Stream,
     parse_timestamp,
+    unix_socket_accepts,
 )
+from gpud.runtime.exits import SharedWaits
 from gpud.runtime.images import ImageEnsurer, PullObserver
 from gpud.runtime.logsplit import FRAME_HEADER, LineSplitter, parse_header
 from gpud.settings.images import normalize_reference
@@ -156,6 +158,7 @@ class DockerRuntime:
         self.socket = socket or DEFAULT_SOCKET
         self._docker: aiodocker.Docker | None = None  # made on first use: aiohttp needs a running loop
         self._images = ImageEnsurer(self._image_present, self._pull, on_pull)
+        self._waits = SharedWaits()  # one wait per container for the task and its log reader
 
     @property
     def _client(self) -> aiodocker.Docker:
@@ -209,9 +212,7 @@ class DockerRuntime:
     async def run(self, spec: ContainerSpec) -> str:
         """Create and start; a container that fails to start is removed again."""
         try:
-            container = await self._guard(
-                lambda: self._client.containers.create(docker_create_payload(spec), name=spec.name)
-            )
+            container = await self._create(spec)
         except ContainerFailed as exc:
             if "No such image" in exc.message:
                 raise ImageUnavailable.for_image(spec.image, "docker", exc.message) from exc
@@ -223,6 +224,23 @@ class DockerRuntime:
             raise ContainerFailed(f"docker could not start the container: {exc.message}") from exc
         logger.debug("docker started %s (%s)", container.id[:12], spec.name)
         return str(container.id)
+
+    async def _create(self, spec: ContainerSpec) -> DockerContainer:
+        """Create the container. An image known to be here (so not looked up before this run) but gone since is
+        pulled (or fails) as one never seen, and the create tried once more."""
+
+        async def create() -> DockerContainer:
+            return await self._guard(
+                lambda: self._client.containers.create(docker_create_payload(spec), name=spec.name)
+            )
+
+        try:
+            return await create()
+        except ContainerFailed as exc:
+            if "No such image" not in exc.message or not self._images.forget(spec.image):
+                raise
+        await self.ensure_image(spec.image)
+        return await create()
 
     async def logs(self, container_id: str, follow: bool = True) -> AsyncIterator[LogLine]:
         """Lines from the multiplexed log stream, stdout and stderr kept apart."""
@@ -272,7 +290,10 @@ class DockerRuntime:
             await query.__aexit__(None, None, None)
 
     async def wait(self, container_id: str) -> ExitStatus:
-        """Wait for exit, then read OOMKilled from inspect."""
+        """Wait for exit, then read OOMKilled from inspect; one wait per container, shared by every caller."""
+        return await self._waits.wait(container_id, lambda: self._wait(container_id))
+
+    async def _wait(self, container_id: str) -> ExitStatus:
         container = self._client.containers.container(container_id)
         result = await self._guard(lambda: container.wait(timeout=_LONG), container_id)
         data = await self._guard(container.show, container_id)
@@ -293,6 +314,7 @@ class DockerRuntime:
     async def remove(self, container_id: str) -> None:
         """Force-remove with anonymous volumes; gone already is fine."""
         container = self._client.containers.container(container_id)
+        self._waits.forget(container_id)
         with contextlib.suppress(ContainerNotFound):
             await self._guard(lambda: container.delete(force=True, v=True), container_id)
 
@@ -317,8 +339,13 @@ class DockerRuntime:
             runtime=self.name, ok=True, isolated=True, version=str(version.get("Version", "")), detail=self.socket
         )
 
+    def reachable(self) -> bool:
+        """Whether the API socket takes a connection (no request)."""
+        return unix_socket_accepts(self.socket)
+
     async def close(self) -> None:
         """Close the HTTP session (containers keep running)."""
+        self._waits.cancel_all()
         if self._docker is not None:
             await self._docker.close()
             self._docker = None

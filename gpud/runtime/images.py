@@ -23,7 +23,9 @@ class _Flight:
 
 
 class ImageEnsurer:
-    """Single-flight "make this image present": concurrent callers for one image share one pull."""
+    """Single-flight "make this image present": concurrent callers for one image share one pull. An image found
+    present is remembered, so later runs ask the engine nothing; the runtime forgets it when a create says the
+    image is not there (removed since), and the next ensure looks again (and pulls)."""
 
     def __init__(
         self,
@@ -35,12 +37,16 @@ class ImageEnsurer:
         self._pull = pull
         self._on_pull = on_pull
         self._flights: dict[str, _Flight] = {}
+        self._present_images: set[str] = set()  # found present (allowed images only: a short list)
 
     async def ensure(self, image: str, progress: ProgressCallback | None = None) -> None:
         """Return once the image is present; raise what the shared pull raised."""
+        if image in self._present_images:
+            return
         flight = self._flights.get(image)
         if flight is None:
             if await self._present(image):
+                self._present_images.add(image)
                 return
             flight = self._flights.get(image)  # another caller may have started while we looked
         if flight is None:
@@ -56,6 +62,13 @@ class ImageEnsurer:
             if progress is not None and progress in flight.listeners:
                 flight.listeners.remove(progress)
 
+    def forget(self, image: str) -> bool:
+        """The engine said the image is not there: look again next time. True when it was thought present."""
+        if image not in self._present_images:
+            return False
+        self._present_images.discard(image)
+        return True
+
     def in_flight(self) -> set[str]:
         """Images being pulled now."""
         return set(self._flights)
@@ -66,6 +79,7 @@ class ImageEnsurer:
         try:
             await self._pull(image, lambda message: self._broadcast(image, message))
             ok = True
+            self._present_images.add(image)
         finally:
             if self._on_pull is not None:
                 self._on_pull(ok)

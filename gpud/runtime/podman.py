@@ -3,7 +3,8 @@
 podman-py is synchronous (requests), so every call runs in a bounded thread pool and the event loop stays
 free: short calls share `max_workers` threads; calls that block for a container's lifetime (log follow, wait,
 stop with grace) use a separate pool of `max_streams` threads so they cannot starve the short ones.
-Containers are created from a libpod SpecGenerator built by the pure `podman_create_payload`.
+Containers are created from a libpod SpecGenerator built by the pure `podman_create_payload` (gpud/runtime/
+podspec.py); their exit is learned as it happens (gpud/runtime/podexit.py), once per container for every caller.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from podman.api.client import APIResponse
 from podman.errors import APIError
 
 from gpud.runtime.base import (
-    CPU_PERIOD_US,
     Capability,
     ContainerFailed,
     ContainerInfo,
@@ -38,10 +38,13 @@ from gpud.runtime.base import (
     ImageUnavailable,
     LogLine,
     ProgressCallback,
-    parse_timestamp,
+    unix_socket_accepts,
 )
 from gpud.runtime.crilog import follow_log_file
+from gpud.runtime.exits import SharedWaits
 from gpud.runtime.images import ImageEnsurer, PullObserver
+from gpud.runtime.podexit import PodmanExits
+from gpud.runtime.podspec import container_info, exit_status, message_of, podman_create_payload
 from gpud.runtime.threadlogs import stream_in_thread
 
 logger = logging.getLogger(__name__)
@@ -52,96 +55,6 @@ _T = TypeVar("_T")
 _SHORT = (5.0, 60.0)
 # libpod's wait polls the container state; its default 250 ms would add up to that much to every exit.
 WAIT_POLL = "20ms"  # (connect, read) seconds for calls that should answer promptly
-
-
-def podman_create_payload(spec: ContainerSpec) -> dict[str, Any]:
-    """The libpod SpecGenerator for a spec: hardening, limits, mounts, labels, GPU (CDI)."""
-    limits = spec.limits
-    mounts: list[dict[str, Any]] = [
-        {
-            "destination": spec.tmpfs_path,
-            "type": "tmpfs",
-            "source": "tmpfs",
-            "options": ["rw", "nosuid", "nodev", f"size={limits.tmpfs_bytes}", "mode=1777"],
-        }
-    ]
-    for m in spec.mounts:
-        mounts.append(
-            {
-                "destination": m.target,
-                "type": "bind",
-                "source": m.source,
-                "options": ["rbind", "ro" if m.read_only else "rw"],
-            }
-        )
-    payload: dict[str, Any] = {
-        "image": spec.image,
-        "env": dict(spec.env),
-        "labels": dict(spec.labels),
-        "user": spec.user,
-        "cap_drop": list(spec.cap_drop),
-        "no_new_privileges": spec.no_new_privileges,
-        "read_only_filesystem": spec.read_only_rootfs,
-        "mounts": mounts,
-        "resource_limits": {
-            # swap is memory+swap, as with docker's --memory-swap: equal to memory means no extra swap.
-            "memory": {"limit": limits.memory_bytes, "swap": limits.memory_bytes},
-            "cpu": {"quota": spec.cpu_quota_us, "period": CPU_PERIOD_US},
-            "pids": {"limit": limits.pids},
-        },
-        "shm_size": limits.shm_bytes,
-        "stop_timeout": math.ceil(spec.stop_grace_seconds),
-        # gpud reads the output from this file (gpud/runtime/crilog.py), whatever the host's default driver.
-        "log_configuration": {"driver": "k8s-file"},
-    }
-    if spec.network_none:
-        payload["netns"] = {"nsmode": "none"}
-    if spec.name:
-        payload["name"] = spec.name
-    if spec.command:
-        payload["command"] = list(spec.command)
-    if spec.workdir:
-        payload["work_dir"] = spec.workdir
-    if spec.gpu is not None and spec.gpu.attach:
-        payload["devices"] = [{"path": f"nvidia.com/gpu={spec.gpu.uuid}"}]
-    return payload
-
-
-def _message(resp: APIResponse) -> str:
-    """The engine's error message from a libpod error body."""
-    try:
-        body = resp.json()
-        return str(body.get("message") or body.get("cause") or body)
-    except ValueError:
-        return resp.text.strip() or f"HTTP {resp.status_code}"
-
-
-def container_info(data: Mapping[str, Any]) -> ContainerInfo:
-    """ContainerInfo from a libpod list entry or inspect document."""
-    state = data.get("State")
-    names = data.get("Names") or [data.get("Name", "")]
-    if isinstance(state, dict):  # inspect
-        status = ContainerState.parse(str(state.get("Status", "")))
-        exit_code = state.get("ExitCode")
-        oom = bool(state.get("OOMKilled"))
-        labels = (data.get("Config") or {}).get("Labels") or {}
-        image = data.get("ImageName") or data.get("Image", "")
-    else:  # list
-        status = ContainerState.parse(str(state or ""))
-        exit_code = data.get("ExitCode")
-        oom = False
-        labels = data.get("Labels") or {}
-        image = data.get("Image", "")
-    return ContainerInfo(
-        id=str(data.get("Id", "")),
-        name=str(names[0]).lstrip("/"),
-        image=str(image),
-        state=status,
-        labels=dict(labels),
-        created=parse_timestamp(data.get("Created", 0)),
-        exit_code=None if status is not ContainerState.EXITED else int(exit_code or 0),
-        oom_killed=oom,
-    )
 
 
 class PodmanRuntime:
@@ -175,6 +88,11 @@ class PodmanRuntime:
         self._streams = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="podman-stream")
         self._images = ImageEnsurer(self._image_present, self._pull, on_pull)
         self._log_paths: dict[str, str | None] = {}  # container id -> its readable log file (None: use the API)
+        # Where this engine keeps a container's log file, around its id (learned from the first inspect): later
+        # containers' files are found without an inspect before their first output.
+        self._log_layout: tuple[str, str] | None = None
+        self._waits = SharedWaits()
+        self._exits = PodmanExits(self._inspect_state, self._api_wait)
         self._version: str | None = None  # the engine's, once asked (see health)
 
     async def _in(self, pool: ThreadPoolExecutor, fn: Callable[[], _T]) -> _T:
@@ -208,7 +126,7 @@ class PodmanRuntime:
     async def _pull(self, image: str, progress: ProgressCallback) -> None:
         resp = await self._call("POST", "/images/pull", long=True, params={"reference": image}, stream=True)
         if resp.status_code >= 400:
-            raise ImageUnavailable.for_image(image, "podman", _message(resp))
+            raise ImageUnavailable.for_image(image, "podman", message_of(resp))
         lines = await self._in(self._streams, lambda: [json.loads(x) for x in resp.iter_lines() if x])
         for line in lines:
             if line.get("error"):
@@ -221,16 +139,22 @@ class PodmanRuntime:
     async def run(self, spec: ContainerSpec) -> str:
         """Create and start; a container that fails to start is removed again."""
         body = json.dumps(podman_create_payload(spec))
-        resp = await self._call("POST", "/containers/create", data=body, headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        resp = await self._call("POST", "/containers/create", data=body, headers=headers)
+        if resp.status_code == 404 and self._images.forget(spec.image):
+            # The image was known to be here (so not looked up before this run) and is gone since: pull it or fail
+            # as for an image never seen, then create once more.
+            await self.ensure_image(spec.image)
+            resp = await self._call("POST", "/containers/create", data=body, headers=headers)
         if resp.status_code == 404:
-            raise ImageUnavailable.for_image(spec.image, "podman", _message(resp))
+            raise ImageUnavailable.for_image(spec.image, "podman", message_of(resp))
         if resp.status_code >= 400:
-            raise ContainerFailed(f"podman could not create the container: {_message(resp)}")
+            raise ContainerFailed(f"podman could not create the container: {message_of(resp)}")
         container_id = str(resp.json()["Id"])
         started = await self._call("POST", f"/containers/{container_id}/start")
         if started.status_code >= 400:
             await self.remove(container_id)
-            raise ContainerFailed(f"podman could not start the container: {_message(started)}")
+            raise ContainerFailed(f"podman could not start the container: {message_of(started)}")
         logger.debug("podman started %s (%s)", container_id[:12], spec.name)
         return container_id
 
@@ -252,11 +176,24 @@ class PodmanRuntime:
         if not self._log_files:
             return None
         if container_id not in self._log_paths:
-            config = (await self._inspect_raw(container_id)).get("HostConfig", {}).get("LogConfig") or {}
-            path = str(config.get("Path") or "")
-            readable = config.get("Type") == "k8s-file" and path and os.access(path, os.R_OK)
-            self._log_paths[container_id] = path if readable else None
+            path = self._known_log_path(container_id)
+            if path is None:
+                config = (await self._inspect_raw(container_id)).get("HostConfig", {}).get("LogConfig") or {}
+                found = str(config.get("Path") or "")
+                if config.get("Type") == "k8s-file" and found and os.access(found, os.R_OK):
+                    path = found
+                    head, sep, tail = found.partition(container_id)
+                    self._log_layout = (head, tail) if sep and container_id not in tail else self._log_layout
+            self._log_paths[container_id] = path
         return self._log_paths[container_id]
+
+    def _known_log_path(self, container_id: str) -> str | None:
+        """The log file where this engine put the others' (the k8s-file driver's `<container dir>/userdata/ctr.log`,
+        made by conmon before the container starts), if it is there and readable; None: ask inspect."""
+        if self._log_layout is None:
+            return None
+        path = self._log_layout[0] + container_id + self._log_layout[1]
+        return path if os.access(path, os.R_OK) else None
 
     def _api_logs(self, container_id: str, follow: bool) -> AsyncGenerator[LogLine, None]:
         """Lines from the multiplexed libpod log stream. Its follow can end at the container's exit before the
@@ -271,7 +208,7 @@ class PodmanRuntime:
                     return None
                 raise ContainerNotFound(f"no container {container_id}")
             if resp.status_code >= 400:
-                raise ContainerFailed(f"podman could not read logs: {_message(resp)}")
+                raise ContainerFailed(f"podman could not read logs: {message_of(resp)}")
             return resp
 
         reread = follow
@@ -300,7 +237,16 @@ class PodmanRuntime:
         return False
 
     async def wait(self, container_id: str) -> ExitStatus:
-        """Block (in the stream pool) until the container stops, then read exit code and OOM from inspect."""
+        """The exit status once the engine says the container has exited (gpud/runtime/podexit.py: as it happens,
+        not after conmon's cleanup); one wait per container, shared by every caller (the task and its output)."""
+        return await self._waits.wait(container_id, lambda: self._exits.wait(container_id))
+
+    async def _inspect_state(self, container_id: str) -> dict[str, Any]:
+        return dict((await self._inspect_raw(container_id)).get("State") or {})
+
+    async def _api_wait(self, container_id: str) -> ExitStatus:
+        """libpod's wait (in the stream pool: it returns after conmon's cleanup), then exit code and OOM from
+        inspect."""
         resp = await self._call(
             "POST",
             f"/containers/{container_id}/wait",
@@ -309,13 +255,7 @@ class PodmanRuntime:
             timeout=(5.0, None),
         )
         self._raise_for(resp, container_id)
-        info = await self._inspect_raw(container_id)
-        state = info.get("State") or {}
-        return ExitStatus(
-            exit_code=int(state.get("ExitCode", -1)),
-            oom_killed=bool(state.get("OOMKilled")),
-            error=str(state.get("Error") or ""),
-        )
+        return exit_status(await self._inspect_state(container_id))
 
     async def stop(self, container_id: str, grace_seconds: float) -> None:
         """libpod stop: SIGTERM, SIGKILL after the grace period; 304 (already stopped) is fine."""
@@ -334,13 +274,14 @@ class PodmanRuntime:
         # timeout=0: kill at once; without it libpod first waits out the container's stop timeout.
         params = {"force": True, "v": True, "timeout": 0}
         self._log_paths.pop(container_id, None)
+        self._waits.forget(container_id)
         for attempt in range(3):
             resp = await self._call("DELETE", f"/containers/{container_id}", params=params)
             if resp.status_code == 404:
                 return
             # A container exiting just as it is removed makes libpod 4.3 fail the kill ("state improper");
             # it is stopped then, so the next try removes it.
-            if resp.status_code < 400 or "state improper" not in _message(resp) or attempt == 2:
+            if resp.status_code < 400 or "state improper" not in message_of(resp) or attempt == 2:
                 break
             await asyncio.sleep(0.1)
         self._raise_for(resp, container_id)
@@ -365,7 +306,8 @@ class PodmanRuntime:
         """Ping, and the version (asked once per time the engine comes up); never raises.
 
         libpod answers /version by running conmon and the OCI runtime to ask theirs (0.6 s here, and serialised:
-        15 at once took 2.5 s each), while /_ping takes 10 ms; every /health and every submission asks this."""
+        15 at once took 2.5 s each), while /_ping takes 10 ms; every /health asks this (and a submission when the last
+        known state is not good: gpud/runtime/instance.py)."""
         try:
             resp = await self._call("GET", "/_ping", timeout=(2.0, 5.0))
             self._raise_for(resp, "")
@@ -378,8 +320,13 @@ class PodmanRuntime:
             return EngineHealth(runtime=self.name, ok=False, isolated=True, detail=str(exc))
         return EngineHealth(runtime=self.name, ok=True, isolated=True, version=self._version, detail=self.socket)
 
+    def reachable(self) -> bool:
+        """Whether the API socket takes a connection (no request)."""
+        return unix_socket_accepts(self.socket)
+
     async def close(self) -> None:
         """Close the HTTP session and the thread pools (containers keep running)."""
+        self._waits.cancel_all()
         self._client.close()
         self._ops.shutdown(wait=False, cancel_futures=True)
         self._streams.shutdown(wait=False, cancel_futures=True)
@@ -389,4 +336,4 @@ class PodmanRuntime:
         if resp.status_code == 404 and container_id:
             raise ContainerNotFound(f"no container {container_id}")
         if resp.status_code >= 400:
-            raise ContainerFailed(f"podman: {_message(resp)}")
+            raise ContainerFailed(f"podman: {message_of(resp)}")

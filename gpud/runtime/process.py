@@ -368,6 +368,10 @@ class ProcessRuntime:
             degraded=f"process runtime: {unisolated}" if unisolated else "",
         )
 
+    def reachable(self) -> bool:
+        """Always: there is no engine."""
+        return True
+
     async def close(self) -> None:
         """Kill and forget every process (they do not outlive gpud)."""
         for container_id in list(self._procs):

@@ -1,4 +1,9 @@
-"""One-off tasks: an ephemeral container per task, removed (and its GPU released) in every outcome."""
+"""One-off tasks: an ephemeral container per task, removed (and its GPU released) in every outcome.
+
+task_finish goes out as soon as the outcome is known, before the container's removal (about 20 ms of the engine's
+time): the GPU of a container seen to exit is released before it (nothing runs on it any more, so a client may
+submit again at once); the uid, the model and the GPU of a container that may still run stay held until it is gone.
+"""
 
 from __future__ import annotations
 
@@ -104,7 +109,7 @@ class OneOffRunner:
         stopper: asyncio.Event,
         work: Coroutine[Any, Any, Outcome],
     ) -> None:
-        """Await the work; whatever happens, clean up, then finish the task with the outcome."""
+        """Await the work; whatever happens, finish the task with the outcome, then clean up."""
         input_dir = self._work_dir / task.id
         task.cancel_hook = _cancel_hook(stopper)
         outcome = Outcome(TaskStatus.FAILED, TaskError("internal_error", "the task ended unexpectedly"))
@@ -119,9 +124,14 @@ class OneOffRunner:
             logger.exception("one-off task %s failed unexpectedly", task.id)
             outcome = Outcome(TaskStatus.FAILED, TaskError("internal_error", f"internal error: {exc}"))
         finally:
-            # GPU and container are released before task_finish, so a client may submit again at once.
-            await self._cleanup(task, held, user, input_dir, outcome.exited)
+            if outcome.exited or task.container_id is None:  # nothing runs on the GPU (any more)
+                while held:
+                    self._scheduler.release(held.pop())
+            # The input is gone by task_finish (it may hold secrets), whether or not the engine removes the container.
+            with contextlib.suppress(OSError):
+                await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, input_dir)
             task.finish(outcome.status, error=outcome.error, exit_code=outcome.exit_code)
+            await self._remove(task, held, user)
 
     async def _execute(
         self, task: Task, held: list[Lease], user: WorkerUser, input_dir: Path, stopper: asyncio.Event
@@ -251,9 +261,9 @@ class OneOffRunner:
         for stream, head, dropped in long_lines.flush():
             task.log.append_line(stream, head, dropped)
 
-    async def _cleanup(self, task: Task, held: list[Lease], user: WorkerUser, input_dir: Path, exited: bool) -> None:
-        """Remove the container; release the model, GPU and uid once it is gone (the GPU at once when it was seen
-        to exit), later if the engine does not answer now; delete the input. Each step on its own."""
+    async def _remove(self, task: Task, held: list[Lease], user: WorkerUser) -> None:
+        """Remove the container; release the model, uid and GPU (if still `held`) once it is gone, later if the engine
+        does not answer now."""
 
         def gone() -> None:
             for lease in held:
@@ -263,20 +273,14 @@ class OneOffRunner:
 
         if task.container_id is None:
             gone()
-        else:
-            if exited:  # it no longer runs on the GPU, whether or not the engine removes it now
-                for lease in held:
-                    self._scheduler.release(lease)
-            if not await self._removals.remove(task.container_id, f"task {task.id}", gone):
-                # A worker that may still run keeps its uid (the next holder must not share it), and its GPU.
-                logger.warning(
-                    "task %s: its uid %d%s stay reserved until the container is removed",
-                    task.id,
-                    user.uid,
-                    "" if exited else " and GPU",
-                )
-        with contextlib.suppress(OSError):
-            await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, input_dir)
+        elif not await self._removals.remove(task.container_id, f"task {task.id}", gone):
+            # A worker that may still run keeps its uid (the next holder must not share it), and its GPU.
+            logger.warning(
+                "task %s: its uid %d%s stay reserved until the container is removed",
+                task.id,
+                user.uid,
+                " and GPU" if held else "",
+            )
 
 
 async def _unless_stopped(stopper: asyncio.Event, work: Coroutine[Any, Any, _T]) -> _T | None:

@@ -13,6 +13,7 @@ from gpud.gpu.scheduler import Lease, Scheduler
 from gpud.metrics import Metrics
 from gpud.modelstore import ModelStore
 from gpud.runtime.base import ContainerRuntime, EngineUnavailable
+from gpud.runtime.instance import health_for_new_work
 from gpud.settings import LiveConfig
 from gpud.work.capacity import Capacity
 from gpud.work.events import EventLimits
@@ -83,7 +84,8 @@ class TaskService:
             raise InvalidRequest(f"preset {preset.key} runs as {preset.mode}, not {expected}", code="invalid_task_type")
         settings.allowed_docker_images.check(preset.image)
         self._check_model(request.model_id)
-        health = await self._runtime.health()
+        # The engine state the daemon's probe and the engine calls keep, checked cheaply (no round trip per submit).
+        health = await health_for_new_work(self._runtime)
         if not health.ok:
             raise EngineUnavailable(f"the {health.runtime} engine is not reachable: {health.detail}", retry_after=5.0)
         task = Task(request=request, preset=preset, limits=self.event_limits())

@@ -24,6 +24,7 @@ from gpud.api.app import make_public_app
 from gpud.daemon.services import Services, create_services
 from gpud.runtime.base import LABEL_MODEL
 from tests.integration.conftest import SOCKET_ENV, WORKER_IMAGE, engine_socket, open_runtime
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "stack-key"
@@ -131,6 +132,15 @@ class Stack:
     async def containers(self) -> list[Any]:
         """This test's containers (running or not)."""
         return await self.services.runtime.list({LABEL_MODEL: self.model_id})
+
+    async def all_removed(self, timeout: float = 10.0) -> None:
+        """Wait until none of this test's containers is left: a one-off's is removed just after its task_finish
+        (gpud/work/oneoff.py), so right at task_finish it may still be there."""
+
+        async def none_left() -> bool:
+            return await self.containers() == []
+
+        await wait_until(none_left, "this test's containers to be removed", timeout=timeout)
 
 
 async def open_stack(runtime_name: str, env: dict[str, str] | None = None) -> Stack:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
+import urllib.parse
 from pathlib import Path
 
 import click
@@ -10,6 +14,7 @@ import pytest
 
 from gpuctl.client import DEFAULT_SOCKET, SocketChoice, parse_sse, resolve_socket
 from gpuctl.output import Style, ago, colour_enabled, duration, size, table
+from gpuctl.unixhttp import quote_segment
 from gpuctl.work import parse_meta
 
 
@@ -85,3 +90,17 @@ def test_meta_values_are_json_when_they_parse() -> None:
     }
     with pytest.raises(click.BadParameter):
         parse_meta(["novalue"])
+
+
+def test_quote_segment_is_urllib_quote_without_the_import() -> None:
+    for value in ["abc", "a b/c?d#e", "\u00fcn\u00ef/\u2603", "~._-", "%41", "", "x" * 64, "a+b=c&d"]:
+        assert quote_segment(value) == urllib.parse.quote(value, safe=""), value
+
+
+def test_gpuctl_start_up_imports_only_what_it_needs() -> None:
+    """What `import gpuctl.cli` loads, without site's own imports (as an installed gpuctl: no editable finder)."""
+    code = f"import sys; sys.path[:0] = {sys.path!r}; import gpuctl.cli, json; print(json.dumps(sorted(sys.modules)))"
+    loaded = set(json.loads(subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, check=True).stdout))
+    heavy = {"urllib.parse", "http.client", "asyncio", "aiohttp", "ssl", "email", "pathlib", "gpuctl.render"}
+    assert not loaded & heavy, loaded & heavy
+    assert [m for m in loaded if m.startswith("gpud")] == ["gpud"], "only gpud/__init__ (the version constant)"

@@ -118,3 +118,26 @@ async def test_cancelled_waiter_does_not_cancel_shared_pull() -> None:
     reg.gate.set()
     await second
     assert first.cancelled() and reg.pulls == ["img"] and "img" in reg.present_images
+
+
+async def test_an_image_found_present_is_not_looked_up_again_until_forgotten() -> None:
+    reg = Registry()
+    reg.present_images.add("img")
+    looked: list[str] = []
+
+    async def present(image: str) -> bool:
+        looked.append(image)
+        return await reg.present(image)
+
+    ensurer = ImageEnsurer(present, reg.pull)
+    for _ in range(3):
+        await ensurer.ensure("img")
+    assert looked == ["img"], "one lookup, then remembered"
+    assert not ensurer.forget("other")  # never seen: nothing to forget
+    reg.present_images.discard("img")  # removed from the engine: the runtime's create says so, and forgets it
+    assert ensurer.forget("img")
+    reg.gate.set()
+    await ensurer.ensure("img")  # looked up again, found missing, pulled
+    assert looked == ["img", "img"] and reg.pulls == ["img"]
+    await ensurer.ensure("img")
+    assert looked == ["img", "img"], "pulled: known present"
