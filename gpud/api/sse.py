@@ -8,9 +8,9 @@ import logging
 from collections.abc import Iterable, Iterator
 
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
 from gpud.api import keys
+from gpud.api.sseresponse import EventStreamResponse
 from gpud.errors import InvalidRequest
 from gpud.work.events import Event, Subscription, TaskEventLog
 
@@ -25,7 +25,9 @@ _DISCONNECT_POLL = 1.0
 # A client that takes no data for this long is dropped (GPUD_SSE_SEND_TIMEOUT_SECONDS overrides it).
 DEFAULT_SEND_TIMEOUT = 30.0
 _HEARTBEAT = b": ping\n\n"
-_NO_LIBRARY_PING = 365 * 24 * 3600.0
+# What aiohttp may add to a write (chunk framing; the headers, if still buffered): counted when judging whether a
+# write could fill the transport's buffer.
+_FRAMING_SLACK = 1024
 
 
 def format_event(event: Event) -> bytes:
@@ -77,19 +79,17 @@ def last_event_id(request: web.Request) -> int:
 
 
 async def open_event_stream(
-    request: web.Request, *, heartbeat: float, send_timeout: float = DEFAULT_SEND_TIMEOUT
-) -> EventSourceResponse:
-    """Send the SSE headers now (any method, e.g. POST submit), so the caller can stream before work starts."""
-    # The library's own ping task would write between the slices of a big event and corrupt it: stream_task_events
-    # sends the heartbeat itself, from the one coroutine that writes. send_timeout also sets TCP_USER_TIMEOUT: the
-    # kernel drops a peer that acknowledges nothing for that long.
-    response = EventSourceResponse(
-        sep="\n", ping_interval=_NO_LIBRARY_PING, allow_all_methods=True, send_timeout=send_timeout
-    )
-    # EventSourceResponse already sets these; repeated here because proxies buffering SSE is a real failure.
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    await response.prepare(request)
+    request: web.Request,
+    *,
+    heartbeat: float,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
+    with_first_write: bool = False,
+) -> EventStreamResponse:
+    """Send the SSE headers now (any method, e.g. POST submit), so the caller can stream before work starts; with
+    `with_first_write`, together with the events the caller writes next, at once. send_timeout also sets
+    TCP_USER_TIMEOUT: the kernel drops a peer that acknowledges nothing for that long."""
+    response = EventStreamResponse(send_timeout)
+    await response.prepare(request, with_first_write=with_first_write)
     return response
 
 
@@ -98,7 +98,7 @@ async def stream_task_events(
     log: TaskEventLog,
     *,
     heartbeat: float,
-    response: EventSourceResponse | None = None,
+    response: EventStreamResponse | None = None,
     after_id: int | None = None,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
 ) -> web.StreamResponse:
@@ -110,32 +110,36 @@ async def stream_task_events(
     if after_id is None:
         after_id = last_event_id(request)
     if response is None:
-        response = await open_event_stream(request, heartbeat=heartbeat, send_timeout=send_timeout)
+        # Events already there are written at once: the headers go in the same packet.
+        ready = log.last_id > after_id
+        response = await open_event_stream(
+            request, heartbeat=heartbeat, send_timeout=send_timeout, with_first_write=ready
+        )
     stream = _Stream(request, response, log, heartbeat, send_timeout)
-    finished = False
-    try:
-        metrics = request.app.get(keys.METRICS)  # an app built for a test may have none
-        with metrics.sse_clients.track_inprogress() if metrics is not None else contextlib.nullcontext():
-            finished = await stream.pump(after_id)
-    finally:
-        response.stop_streaming()  # ends the library's (idle) ping task
+    metrics = request.app.get(keys.METRICS)  # an app built for a test may have none
+    with metrics.sse_clients.track_inprogress() if metrics is not None else contextlib.nullcontext():
+        finished = await stream.pump(after_id)
     if finished:
         try:
             async with asyncio.timeout(send_timeout):
-                await response.wait()
-                await response.write_eof()
+                # The last events (task_finish) and the end of the response in one write.
+                await response.write_eof(stream.last_chunk)
         except (ConnectionError, TimeoutError):
             stream.abort()
     return response
 
 
 class _Stream:
-    """One client's stream: the only writer of its response (events and heartbeat, never interleaved)."""
+    """One client's stream: the only writer of its response (events and heartbeat, never interleaved).
+
+    Timers are kept off the per-event path (with 200 clients, a timeout per wait and per write was a fifth of
+    gpud's time): a write gets its send timeout only when it could wait (see _may_block), and waiting for events
+    uses one timer per stream, re-armed about once per _DISCONNECT_POLL, that interrupts the wait when it fires."""
 
     def __init__(
         self,
         request: web.Request,
-        response: EventSourceResponse,
+        response: EventStreamResponse,
         log: TaskEventLog,
         heartbeat: float,
         send_timeout: float,
@@ -147,13 +151,29 @@ class _Stream:
         self.send_timeout = send_timeout
         self._loop = asyncio.get_running_loop()
         self._last_write = self._loop.time()
+        self._task = asyncio.current_task()
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting = False  # inside sub.wait(): the timer may interrupt it
+        self._timer_fired = False  # the timer interrupted the wait (a cancellation of our own)
+        self.last_chunk = b""  # the stream's last write, left for the response's end to carry
 
     async def pump(self, after_id: int) -> bool:
         """Write events as they come; True when the log ended, False when the client went away or stalled."""
+        try:
+            return await self._pump(after_id)
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+
+    async def _pump(self, after_id: int) -> bool:
         with self.log.attach(after_id) as sub:
             while True:
                 batch = sub.take(_BATCH, _WRITE_BYTES)
                 if batch:
+                    if sub.exhausted and sum(len(e.json_bytes) for e in batch) <= _WRITE_BYTES // 2:
+                        # The last events (task_finish), small: written with the response's end, in one write.
+                        self.last_chunk = b"".join(_chunks(batch))
+                        return True
                     if not await self._write(_chunks(batch), batch[0].id - 1):
                         return False
                     continue
@@ -166,11 +186,27 @@ class _Stream:
                 if state == "idle" and not await self._write([_HEARTBEAT], sub.last_id):
                     return False
 
+    def _may_block(self, size: int) -> bool:
+        """Whether writing `size` more bytes could wait for the client: only once the transport's buffer may pass
+        its low-water mark (below it, the protocol is not paused and the write cannot pause it, so aiohttp's drain
+        returns at once)."""
+        transport = self.request.transport
+        if transport is None:
+            return True
+        try:
+            low = transport.get_write_buffer_limits()[0]
+        except (AttributeError, NotImplementedError):
+            return True
+        return transport.get_write_buffer_size() + size + _FRAMING_SLACK > low
+
     async def _write(self, chunks: Iterable[bytes | memoryview], position: int) -> bool:
         """Write every chunk, each within the send timeout; False (and the connection dropped) otherwise."""
         try:
             for chunk in chunks:
-                async with asyncio.timeout(self.send_timeout):
+                if self._may_block(len(chunk)):
+                    async with asyncio.timeout(self.send_timeout):
+                        await self.response.write(chunk)
+                else:
                     await self.response.write(chunk)
         except ConnectionError:
             logger.debug("task %s: SSE client went away after event %d", self.log.task_id, position)
@@ -191,17 +227,39 @@ class _Stream:
         """Wait for more events: "events" when they come, "idle" when a heartbeat is due, "gone" when the client's
         connection closed meanwhile (looked at every _DISCONNECT_POLL seconds)."""
         while True:
-            left = self._last_write + self.heartbeat - self._loop.time()
+            now = self._loop.time()
+            left = self._last_write + self.heartbeat - now
             if left <= 0:
                 return "idle"
-            try:
-                async with asyncio.timeout(min(_DISCONNECT_POLL, left)):
-                    await sub.wait()
+            if not await self._wait_until(sub, now + min(_DISCONNECT_POLL, left)):
                 return "events"
-            except TimeoutError:
-                transport = self.request.transport
-                if transport is None or transport.is_closing():
-                    return "gone"
+            transport = self.request.transport
+            if transport is None or transport.is_closing():
+                return "gone"
+
+    async def _wait_until(self, sub: Subscription, deadline: float) -> bool:
+        """Wait for events until about `deadline` at the latest; True when the timer ended the wait (it may end it
+        earlier: the caller looks at the time again)."""
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._waiting = True
+        try:
+            await sub.wait()
+        except asyncio.CancelledError:
+            if not self._timer_fired or self._task is None or self._task.uncancel() > 0:
+                raise  # not (only) our timer: a real cancellation
+            return True
+        finally:
+            self._waiting = self._timer_fired = False
+        return False
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._waiting and not self._timer_fired and self._task is not None:
+            self._timer_fired = True
+            self._task.cancel()
 
     def abort(self) -> None:
         """Drop the connection without a graceful close (a stalled peer would never take the rest)."""

@@ -127,6 +127,10 @@ def setup_logging(level: str, environ: Mapping[str, str] | None = None, log_form
     root = logging.getLogger()
     root.handlers[:] = [handler]
     set_level(level)
+    # No format of gpud's shows where a record was made, nor its thread or process: not looking them up (a stack
+    # walk and three lookups per record, the logging HOWTO's "Optimization") saves a tenth of every log call.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # aiohttp's access log is noisy per request; operators get request metrics instead.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

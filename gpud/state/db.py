@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 import os
 import sqlite3
 import time
@@ -65,8 +66,8 @@ class Database:
     def put(self, tasks: Iterable[TaskRow] = (), sessions: Iterable[SessionRow] = ()) -> None:
         """Write rows (whole rows: the newest version of each wins), in one transaction."""
         with self._errors("write"), _transaction(self._conn):
-            self._conn.executemany(self._task_sql, [dataclasses.astuple(row) for row in tasks])
-            self._conn.executemany(self._session_sql, [dataclasses.astuple(row) for row in sessions])
+            self._conn.executemany(self._task_sql, map(_TASK_VALUES, tasks))
+            self._conn.executemany(self._session_sql, map(_SESSION_VALUES, sessions))
 
     def task(self, task_id: str) -> TaskRow | None:
         """One task's row."""
@@ -114,6 +115,16 @@ class Database:
             yield
         except sqlite3.Error as exc:
             raise RecordsError(f"records database {self.path}: {what} failed: {exc}") from exc
+
+
+def _values(kind: type) -> operator.attrgetter[Any]:
+    """A row's values in column order, as a tuple (dataclasses.astuple deep-copies each value: rows hold only
+    plain immutable ones, so that was pure cost, on the records thread but holding the GIL)."""
+    return operator.attrgetter(*(f.name for f in dataclasses.fields(kind)))
+
+
+_TASK_VALUES = _values(TaskRow)
+_SESSION_VALUES = _values(SessionRow)
 
 
 def _upsert(table: str, kind: type) -> str:

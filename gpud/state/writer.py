@@ -43,15 +43,27 @@ class RowWriter:
         self._thread = threading.Thread(target=self._run, name="gpud-records", daemon=True)
         self._thread.start()
 
-    def put(self, row: TaskRow | SessionRow) -> None:
-        """Hand a row over (the newest version of a row replaces one not yet written)."""
+    def put(self, row: TaskRow | SessionRow, wake: bool = True) -> bool:
+        """Hand a row over (the newest version of a row replaces one not yet written). The writer is woken once
+        per batch, by the first row after it went idle; with `wake=False` not here: then True means the caller
+        must call wake() (soon: the row waits until then)."""
         with self._lock:
+            # The writer waits only while nothing is pending: waking it once per batch is enough (a notify is
+            # several microseconds of Python, paid on the event loop for every change).
+            idle = not (self._tasks or self._sessions)
             if isinstance(row, TaskRow):
                 self._tasks[row.id] = row
             else:
                 self._sessions[row.id] = row
             self._handed += 1
-            self._lock.notify()
+            if idle and wake:
+                self._lock.notify_all()  # all: a flush() may be waiting on the same condition
+        return idle and not wake
+
+    def wake(self) -> None:
+        """Wake the writer for what was handed over with put(wake=False)."""
+        with self._lock:
+            self._lock.notify_all()
 
     def purge(self, before: float, done: Callable[[int], None] | None = None) -> None:
         """Delete rows that ended before `before` (epoch), in the writer's thread; `done` gets the count there."""
@@ -64,6 +76,7 @@ class RowWriter:
         """Block until everything handed over so far is committed; False on time-out."""
         deadline = time.monotonic() + timeout
         with self._lock:
+            self._lock.notify_all()  # rows put with wake=False may not have woken it yet
             target = self._handed
             while self._written < target:
                 left = deadline - time.monotonic()

@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import Any
 
 from gpud.jsonsafe import clean_text, dumps_safe
@@ -117,6 +118,7 @@ class TaskEventLog:
         self._pending: list[str] = []  # coalesced text_delta pieces not yet published
         self._pending_len = 0
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._delta_tail: bytes | None = None  # `,"task_id":"…"}`, the end of every text_delta's JSON
         self._subscribers = 0
         self._last_left_at: float | None = None
         self.dropped = 0  # logs/progress dropped past max_events
@@ -184,7 +186,7 @@ class TaskEventLog:
             logger.debug("task %s: %s after task_finish ignored", self.task_id, type.value)
             return None
         if type is EventType.TEXT_DELTA:
-            return self._delta(str(data.get("delta", "")))
+            return self.append_delta(str(data.get("delta", "")))
         if type is EventType.LOGS:
             line, cut = truncate_line(clean_text(str(data.get("line", ""))), self.limits.log_line_bytes)
             return self._append_droppable(type, {**data, "line": line}, cut)
@@ -193,14 +195,21 @@ class TaskEventLog:
         self._flush_pending()
         return self._publish(type, data)
 
-    def _delta(self, text: str) -> Event | None:
+    def append_delta(self, text: str) -> Event | None:
+        """append(TEXT_DELTA, {"delta": text}), without the dict: the one event a streaming worker sends."""
+        if self._finished:
+            return None
         last = None
-        for piece in split_utf8(self.output.append(clean_text(text)), self.limits.delta_bytes):
+        kept = self.output.append(clean_text(text))
+        if not kept:
+            return None
+        # One piece when it is short (4 bytes a character at most): no generator per delta.
+        for piece in (kept,) if len(kept) * 4 <= self.limits.delta_bytes else split_utf8(kept, self.limits.delta_bytes):
             if self.last_id - self._origin >= self.limits.max_events:
                 last = self._coalesce(piece)
             else:
                 self._flush_pending()
-                last = self._publish(EventType.TEXT_DELTA, {"delta": piece})
+                last = self._publish_delta(piece)
         return last
 
     def append_line(self, stream: str, line: str, dropped: int = 0) -> Event | None:
@@ -286,6 +295,13 @@ class TaskEventLog:
     def _publish(self, type: EventType, data: dict[str, Any]) -> Event:
         return self._publish_encoded(type, dumps_safe({**data, "task_id": self.task_id}))
 
+    def _publish_delta(self, piece: str) -> Event:
+        """A text_delta of `piece` (clean text): the same JSON as _publish makes, without a dict per delta."""
+        if self._delta_tail is None:
+            self._delta_tail = b',"task_id":%s}' % dumps_safe(self.task_id)
+        encoded = b'{"delta":%s%s' % (encode_basestring(piece).encode(), self._delta_tail)  # as dumps_safe writes it
+        return self._publish_encoded(EventType.TEXT_DELTA, encoded)
+
     def _publish_encoded(self, type: EventType, encoded: bytes) -> Event:
         event = Event(self.last_id + 1, type, encoded)
         self._bytes += len(encoded)
@@ -316,7 +332,7 @@ class TaskEventLog:
         delta = "".join(self._pending)
         self._pending.clear()
         self._pending_len = 0
-        return self._publish(EventType.TEXT_DELTA, {"delta": delta})
+        return self._publish_delta(delta)
 
     @contextlib.contextmanager
     def attach(self, after_id: int = 0) -> Iterator[Subscription]:

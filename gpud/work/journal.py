@@ -8,6 +8,7 @@ what GET /api/sessions/{id} shows.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -39,6 +40,16 @@ RECORD_TEXT_MAX_BYTES = 1024 * 1024
 def _log_purged(count: int) -> None:
     if count:
         logger.info("records: purged %d finished task(s) and ended session(s)", count)
+
+
+def _soon(wake: Callable[[], None]) -> None:
+    """Wake the records thread after the loop's callbacks already queued (its SSE writes, its message to a worker),
+    not in the middle of them: woken at once, the thread contended for the GIL just as a task's first event or its
+    task_finish was to be written. Without a running loop, now."""
+    try:
+        asyncio.get_running_loop().call_later(0, wake)
+    except RuntimeError:
+        wake()
 
 
 def restart_event_id() -> int:
@@ -86,13 +97,13 @@ class Journal:
 
     def task_changed(self, task: Task) -> None:
         """Record the task as it is now (TaskRecords); its row is made now, written just after."""
-        if self._writer is not None:
-            self._writer.put(task_row(task))
+        if self._writer is not None and self._writer.put(task_row(task), wake=False):
+            _soon(self._writer.wake)
 
     def session_changed(self, session: Session) -> None:
         """Record the session as it is now (SessionRecords)."""
-        if self._writer is not None:
-            self._writer.put(session_row(session))
+        if self._writer is not None and self._writer.put(session_row(session), wake=False):
+            _soon(self._writer.wake)
 
     def purge(self) -> None:
         """Drop rows older than the record retention (at most once a minute, or once per retention if shorter)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import secrets
@@ -134,6 +135,12 @@ class Task:
         if type is EventType.TEXT_DELTA and data.get("delta"):
             self._output_began()
         self.log.append(type, data)
+
+    def emit_delta(self, text: str) -> None:
+        """emit(TEXT_DELTA, delta=text), for the many deltas of a streaming worker (no keyword dict)."""
+        if text and self.timings.first_output_at is None:
+            self._output_began()
+        self.log.append_delta(text)
 
     def set_text(self, text: str) -> None:
         """Make `text` the whole output (a worker's complete text), cut at the output limit."""
@@ -283,6 +290,11 @@ class TaskRegistry:
         on_first_output: Callable[[Task], None] | None = None,
     ) -> None:
         self._tasks: dict[str, Task] = {}
+        # Finished tasks holding events, oldest first, with their bytes (summed in _held_bytes): trimming pops from
+        # the front (sorting every retained task at each task's end made a round trip grow with retention).
+        self._held: collections.OrderedDict[str, tuple[Task, int]] = collections.OrderedDict()
+        self._held_bytes = 0
+        self._fixed: dict[str, int] = {}  # finished tasks with nothing to release: counted in _held_bytes too
         self._retention = retention_seconds
         self._retention_bytes = retention_bytes or (lambda: 512 * 1024 * 1024)
         self._on_finish = on_finish
@@ -296,6 +308,8 @@ class TaskRegistry:
         task.on_finish = self._finished
         task.on_running = self._running
         task.on_first_output = self._on_first_output
+        if task.final:  # ended before (not through _finished): counted against the byte budget all the same
+            self._hold(task)
         if self._records is not None:
             self._records.task_changed(task)
 
@@ -310,6 +324,7 @@ class TaskRegistry:
             self._on_finish(task)
         if self._records is not None:
             self._records.task_changed(task)  # before the trim below may release its output
+        self._hold(task)
         self._trim()  # at once, not at the next purge: a burst of big outputs must not pile up meanwhile
 
     def get(self, task_id: str) -> Task:
@@ -340,20 +355,45 @@ class TaskRegistry:
         old = [t.id for t in self._tasks.values() if t.final and (t.finished_at or 0) < cutoff]
         for task_id in old:
             del self._tasks[task_id]
+            held = self._held.pop(task_id, None)
+            self._held_bytes -= held[1] if held is not None else self._fixed.pop(task_id, 0)
         self._trim()
         return len(old)
 
+    def _hold(self, task: Task) -> None:
+        """Count a finished task's events against the byte budget (once; a released task holds nothing more)."""
+        if not (task.released or task.id in self._held or task.id in self._fixed):
+            self._held[task.id] = (task, task.log.retained_bytes)
+            self._held_bytes += task.log.retained_bytes
+
     def _trim(self) -> None:
-        # Oldest first, but tasks that a client is still reading go last.
-        finished = sorted(
-            (t for t in self._tasks.values() if t.final and not t.released),
-            key=lambda t: (t.log.subscribers > 0, t.finished_at or 0),
-        )
-        excess = sum(t.log.retained_bytes for t in finished) - self._retention_bytes()
-        for task in finished:
-            if excess <= 0:
-                break
-            freed = task.release()
-            if freed:
-                logger.info("task %s: released %d bytes of finished output (retention budget)", task.id, freed)
-            excess -= freed
+        """Release the oldest finished tasks' events until the rest fit the byte budget; tasks that a client is
+        still reading go last. Costs nothing under the budget; over it, each task is released (and popped) once."""
+        excess = self._held_bytes - self._retention_bytes()
+        if excess <= 0:
+            return
+        reading: list[tuple[str, tuple[Task, int]]] = []
+        while excess > 0 and self._held:
+            task_id, held = self._held.popitem(last=False)
+            if held[0].log.subscribers > 0:
+                reading.append((task_id, held))
+            else:
+                excess -= self._release(task_id, held)
+        for n, (task_id, held) in enumerate(reading):
+            if excess <= 0:  # the rest were not needed: back to the front, in their order
+                for kept_id, kept in reversed(reading[n:]):
+                    self._held[kept_id] = kept
+                    self._held.move_to_end(kept_id, last=False)
+                return
+            excess -= self._release(task_id, held)
+
+    def _release(self, task_id: str, held: tuple[Task, int]) -> int:
+        """Release one task taken off _held; returns the bytes freed."""
+        task, size = held
+        freed = task.release()
+        if freed:
+            logger.info("task %s: released %d bytes of finished output (retention budget)", task.id, freed)
+            self._held_bytes -= size
+        else:  # nothing to release (no event but task_finish): its bytes still count, until it is forgotten
+            self._fixed[task_id] = size
+        return freed

@@ -8,6 +8,8 @@ and the durations in seconds).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from typing import Any, Protocol
 
@@ -101,13 +103,17 @@ def _where(task: Task) -> str:
 
 def started(task: Task) -> None:
     """Log that the task started running, with how long it waited."""
+    if not logger.isEnabledFor(logging.INFO):  # the line's fields are work: none of it when it would be dropped
+        return
     wait = None if task.started_at is None else round(max(0.0, task.started_at - task.created_at), 3)
     fields = {**_ids(task, "task_start"), "status": task.status.value, "queue_wait_seconds": wait}
-    logger.info("task %s started: %s, waited %ss", task.id, _where(task), wait, extra=fields)
+    _info(fields, "task %s started: %s, waited %ss", task.id, _where(task), wait)
 
 
 def finished(task: Task) -> None:
     """Log how the task ended: status, total time and phases, and the error (code: message) when it failed."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
     timings = task.timings.report(task.created_at, task.started_at, task.finished_at)
     elapsed = round(task.elapsed(), 3)
     fields = {**_ids(task, "task_finish"), "status": task.status.value, "elapsed_seconds": elapsed, **timings}
@@ -117,7 +123,8 @@ def finished(task: Task) -> None:
         fields["exit_code"] = task.exit_code
     phases = ", ".join(f"{word} {timings[key]}s" for key, word in _SHOWN if timings.get(key) is not None)
     error = f" ({task.error.code}: {task.error.message})" if task.error else ""
-    logger.info(
+    _info(
+        fields,
         "task %s %s: %s, %ss%s%s",
         task.id,
         task.status.value,
@@ -125,5 +132,17 @@ def finished(task: Task) -> None:
         elapsed,
         f" ({phases})" if phases else "",
         error,
-        extra=fields,
     )
+
+
+def _info(fields: dict[str, Any], message: str, *args: Any) -> None:
+    """Log the line after the loop's callbacks already queued (at the end of the next turn), not now: these lines
+    come at a task's start and end, just as its `working` and `task_finish` events are to be written and its input
+    sent to the worker, and writing a log line first delayed those. Its text and fields are as of now; the record's
+    timestamp is at most a loop turn later. Without a running loop, now."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        logger.info(message, *args, extra=fields)
+        return
+    loop.call_later(0, functools.partial(logger.info, message, *args, extra=fields))

@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from gpud.worker.protocol import (
     ProtocolError,
     WorkerMessage,
     decode,
+    decode_delta,
+    delta_prefix,
     encode,
 )
 from gpud.worker.socketdir import bind_adopted, bind_fresh
@@ -80,7 +82,7 @@ class ReadyInfo:
     resumed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more, once per message
 class WorkerEvent:
     """One task message from the worker: type is a WorkerMessage value, data is the message minus `type`."""
 
@@ -92,6 +94,7 @@ class WorkerEvent:
 @dataclass(slots=True)
 class _Running:
     task_id: str
+    delta_prefix: bytes  # protocol.delta_prefix(task_id)
     queue: asyncio.Queue[WorkerEvent | WorkerError] = field(default_factory=asyncio.Queue)
     abandoned: bool = False  # the caller stopped iterating; drop events until `done`
 
@@ -194,6 +197,11 @@ class WorkerChannel:
         try:
             if isinstance(item, ProtocolError):
                 raise item
+            running = self._running
+            delta = None if running is None else decode_delta(item, running.delta_prefix)
+            if running is not None and delta is not None:  # the common message, read without a whole object
+                self._on_task_event(WorkerMessage.TEXT_DELTA.value, {"task_id": running.task_id, "delta": delta})
+                return
             message = decode(item, max_size=self._max)
             self._dispatch(message)
         except ProtocolError as exc:
@@ -216,7 +224,9 @@ class WorkerChannel:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.pop("type")
-        if kind == WorkerMessage.HELLO:
+        if kind in _TASK_EVENTS and (kind != WorkerMessage.ERROR or "task_id" in message):  # most messages
+            self._on_task_event(kind, message)
+        elif kind == WorkerMessage.HELLO:
             self._on_hello(message)
         elif kind == WorkerMessage.READY:
             self._on_ready(message)
@@ -224,10 +234,8 @@ class WorkerChannel:
             future = self._pings.pop(message.get("id", -1), None)
             if future is not None and not future.done():
                 future.set_result(None)
-        elif kind == WorkerMessage.ERROR and "task_id" not in message:
+        elif kind == WorkerMessage.ERROR:
             self._on_worker_error(message)
-        elif kind in _TASK_EVENTS:
-            self._on_task_event(kind, message)
         else:
             logger.debug("worker socket %s: ignoring unknown message type %.40r", self.socket_path, kind)
 
@@ -312,18 +320,20 @@ class WorkerChannel:
         except TimeoutError:
             raise WorkerTimeout(f"worker not ready within {timeout:g}s") from None
 
-    async def run_task(self, task_id: str, input: dict[str, Any]) -> AsyncIterator[WorkerEvent]:
+    async def run_task(self, task_id: str, input: dict[str, Any]) -> AsyncGenerator[WorkerEvent, None]:
         """Send a task and yield its events; the last one yielded is `done`. Raises WorkerGone, WorkerBusy."""
         if self._ready is None or not self._ready.done() or self._ready.exception() is not None:
             raise WorkerError("worker is not ready")
         if self._running is not None:
             raise WorkerBusy(f"worker is running task {self._running.task_id}")
-        running = _Running(task_id)
+        running = _Running(task_id, delta_prefix(task_id))
         self._running = running
         try:
             await self._send({"type": HostMessage.TASK, "task_id": task_id, "input": input})
             while True:
-                item = await running.queue.get()
+                # get_nowait while there is something: Queue.get is a coroutine per item, most of a delta's cost
+                # between the socket and the task's log when a worker streams fast.
+                item = running.queue.get_nowait() if running.queue.qsize() else await running.queue.get()
                 if isinstance(item, WorkerError):
                     raise item
                 yield item

@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from gpud.jsonsafe import UnsafeJSON, loads_strict
+from gpud.jsonsafe import UnsafeJSON, clean_text, loads_strict
 
 # Bumped only for incompatible changes; additive fields and new message types keep the version.
 PROTOCOL_VERSION = 1
@@ -99,6 +99,27 @@ def decode(line: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> dict[str, Any]:
     if not isinstance(message.get("type"), str):
         raise ProtocolError("message has no string 'type' field")
     return message
+
+
+def delta_prefix(task_id: str) -> bytes:
+    """How a text_delta of `task_id` begins when written as the SDK writes it (compact, keys in this order)."""
+    return b'{"type":"text_delta","task_id":%s,"delta":"' % json.dumps(task_id).encode()
+
+
+def decode_delta(line: bytes, prefix: bytes) -> str | None:
+    """The delta of a line that is exactly `prefix` + a JSON string's rest + `}` (what a streaming worker sends
+    most), with lone surrogates replaced as decode() does; None for any other line (decode() then judges it).
+
+    The string is read by the json module's own string scanner, so it is held to what decode() would accept; the
+    rest of the line is fixed bytes. This skips building and checking a whole object per delta."""
+    if not (line.startswith(prefix) and line.endswith(b'"}')):
+        return None
+    try:
+        text = line.decode("utf-8", "surrogatepass")  # as json.loads decodes UTF-8
+        delta, end = json.decoder.scanstring(text, len(prefix))  # type: ignore[attr-defined]
+    except ValueError:  # not UTF-8 or not a valid string: decode() reports it
+        return None
+    return clean_text(delta) if end == len(text) - 1 else None
 
 
 class LineFramer:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import socket
 import sys
 import threading
@@ -85,8 +86,12 @@ class Context:
             self._send({"type": "text_delta", "task_id": self.task_id, "delta": text[start : start + _DELTA_CHARS]})
 
 
+# Made once: json.dumps with keywords builds a new encoder per call, a large part of a streamed delta's cost.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return _ENCODER.encode(message).encode() + b"\n"
 
 
 def _make_worker(worker: Any) -> Any:
@@ -129,7 +134,10 @@ class _Session:
         self._ready_info: dict[str, Any] = {}
         self._lock = threading.Lock()  # whole messages only: the reader thread and predict both send
         self._ctx: Context | None = None
-        self._thread: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue[tuple[Context, Any]] = queue.SimpleQueue()  # for the task thread
+        self._idle = threading.Event()  # set while no task runs
+        self._idle.set()
+        self._runner: threading.Thread | None = None
 
     def send(self, message: dict[str, Any], conn: int | None = None) -> None:
         data = _encode(message)
@@ -234,19 +242,28 @@ class _Session:
         return True  # unknown types are ignored, so gpud may add messages without a version bump
 
     def _start_task(self, task_id: str, input: Any) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            # gpud sends a task only after the previous one's `done`, so that thread is just returning: a new
-            # task arriving in that instant must wait for it, not be refused as busy.
-            self._thread.join(timeout=5.0)
-        if self._thread is not None and self._thread.is_alive():
+        # gpud sends a task only after the previous one's `done`, so that task is just returning: a new task
+        # arriving in that instant must wait for it, not be refused as busy.
+        if not self._idle.wait(5.0):
             self.send({"type": "error", "task_id": task_id, "code": "busy", "message": "a task is running"})
             self.send({"type": "done", "task_id": task_id, "status": "failed"})
             return
         conn = self._conn
         ctx = Context(task_id, lambda message: self.send(message, conn))
         self._ctx = ctx
-        self._thread = threading.Thread(target=self._task_thread, args=(ctx, input), daemon=True)
-        self._thread.start()
+        self._idle.clear()
+        if self._runner is None:  # one thread for the session's life: a new thread per task cost each a start-up
+            self._runner = threading.Thread(target=self._run_tasks, name="gpud-task", daemon=True)
+            self._runner.start()
+        self._jobs.put((ctx, input))
+
+    def _run_tasks(self) -> None:
+        while True:
+            ctx, input = self._jobs.get()
+            try:
+                self._task_thread(ctx, input)
+            finally:
+                self._idle.set()
 
     def _task_thread(self, ctx: Context, input: Any) -> None:
         # OSError anywhere here means gpud is gone (the reader loop notices the closed socket), or its connection
@@ -272,10 +289,10 @@ class _Session:
         return "completed"
 
     def _stop_current(self) -> None:
-        ctx, thread = self._ctx, self._thread
-        if ctx is not None and thread is not None and thread.is_alive():
+        ctx = self._ctx
+        if ctx is not None and not self._idle.is_set():
             ctx._cancel.set()
-            thread.join(5.0)
+            self._idle.wait(5.0)
 
 
 def _connect(path: str, timeout: float) -> socket.socket:

@@ -21,6 +21,7 @@ from gpud.work.sessions.endings import end_tasks, logged, output_to
 from gpud.work.sessions.output import WorkerOutput
 from gpud.work.sessions.record import Session, SessionRecords, SessionRegistry, SessionState
 from gpud.work.sessions.taskrun import RunOutcome, TaskRun
+from gpud.work.sessions.wakeup import Wakeup
 from gpud.work.sessions.worker import SessionWorker, WorkerCrashed
 from gpud.work.task import Task, TaskError, TaskStatus, cancel_error
 from gpud.work.uids import WorkerIds, WorkerUser
@@ -56,7 +57,7 @@ class SessionManager:
         self._clock = clock or SystemClock()
         self.registry = SessionRegistry(records)
         self._lives: dict[str, asyncio.Task[None]] = {}
-        self._wakeups: dict[str, asyncio.Event] = {}
+        self._wakeups: dict[str, Wakeup] = {}
         self._workers: dict[str, SessionWorker] = {}
         self._ids = ids
         self._users: dict[str, WorkerUser] = {}  # session id -> the host user its workers run as
@@ -82,7 +83,7 @@ class SessionManager:
         task.gpu_id = lease.gpu.index
         session.queue.append(task)
         self._attach_cancel(session, task)
-        self._wakeups[session.id] = asyncio.Event()
+        self._wakeups[session.id] = Wakeup()
         self._lives[session.id] = asyncio.create_task(self._life(session, task), name=f"session-{session.id}")
         return session
 
@@ -122,7 +123,7 @@ class SessionManager:
         self._users[session.id] = user
         self._workers[session.id] = worker
         self.registry.add(session)
-        self._wakeups[session.id] = asyncio.Event()
+        self._wakeups[session.id] = Wakeup()
         self._lives[session.id] = asyncio.create_task(self._life(session, None, worker), name=f"session-{session.id}")
 
     def worker_for(self, session: Session, first_task_id: str, model_dir: Path, user: WorkerUser) -> SessionWorker:
@@ -254,7 +255,7 @@ class SessionManager:
                 session.stop_reason = "idle_timeout"
                 return None
             wake.clear()
-            waiter: asyncio.Future[bool] = asyncio.ensure_future(wake.wait())
+            waiter = wake.future()
             await self._clock.wait({waiter, worker.exited}, min(idle_deadline, expires))
             waiter.cancel()
             if worker.exited.done():
@@ -269,8 +270,7 @@ class SessionManager:
         try:
             session.move(SessionState.WORKING)
             session.announce_positions()
-            task.mark_running()
-            task.emit(EventType.WORKER, status="working", container_id=session.container_id, session_id=session.id)
+            task.mark_running()  # TaskRun.run emits `working`, once the task is on its way to the worker
             worker.on_output = output_to(task)
             try:
                 outcome = await TaskRun(session, worker, task, self._wakeups[session.id], self._clock).run()

@@ -44,6 +44,7 @@ ALLOWED_MOVES: dict[SessionState, frozenset[SessionState]] = {
     SessionState.FAILED: frozenset(),
 }
 ENDED = frozenset({SessionState.STOPPED, SessionState.FAILED})
+_PER_TASK = {SessionState.READY, SessionState.WORKING}
 
 
 class IllegalMove(RuntimeError):
@@ -83,7 +84,9 @@ class Session:
         """Change state, only along the table's moves."""
         if to not in ALLOWED_MOVES[self.state]:
             raise IllegalMove(f"session {self.id}: {self.state} -> {to} is not allowed")
-        logger.info("session %s: %s -> %s", self.id, self.state.value, to.value)
+        # READY <-> WORKING happens at every task (whose own start and end lines name the session): DEBUG.
+        level = logging.DEBUG if {self.state, to} == _PER_TASK else logging.INFO
+        logger.log(level, "session %s: %s -> %s", self.id, self.state.value, to.value)
         self.state = to
         if to in ENDED:
             self.ended = self.clock.monotonic()

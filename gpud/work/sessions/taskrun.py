@@ -8,15 +8,17 @@ import enum
 import logging
 import math
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 from gpud.clock import Clock
 from gpud.work.events import EventType
 from gpud.work.launch import TAIL_LINE_CHARS, timeout_error
 from gpud.work.sessions.record import Session
+from gpud.work.sessions.wakeup import Wakeup
 from gpud.work.sessions.worker import SessionWorker
 from gpud.work.task import Task, TaskError, TaskStatus, cancel_error
-from gpud.worker.channel import WorkerError
+from gpud.worker.channel import WorkerError, WorkerEvent
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class TaskRun:
 
     `wake` is set by whoever changes what the run should do (a cancel, a kill); the run then re-checks."""
 
-    def __init__(self, session: Session, worker: SessionWorker, task: Task, wake: asyncio.Event, clock: Clock) -> None:
+    def __init__(self, session: Session, worker: SessionWorker, task: Task, wake: Wakeup, clock: Clock) -> None:
         self._session = session
         self._worker = worker
         self._task = task
@@ -64,7 +66,13 @@ class TaskRun:
     async def run(self) -> RunOutcome:
         """Stream the task's events and supervise it; returns what the session must do next."""
         consumer = asyncio.create_task(self._consume())
+        session = self._session
         try:
+            # After the consumer is created: its first step (sending the task to the worker) then runs before the
+            # SSE writes this event wakes, so the worker starts as early as it can.
+            self._task.emit(
+                EventType.WORKER, status="working", container_id=session.container_id, session_id=session.id
+            )
             return await self._supervise(consumer)
         finally:
             consumer.cancel()
@@ -77,7 +85,7 @@ class TaskRun:
         cancel_sent = False
         while not consumer.done():
             self._wake.clear()
-            waiter = asyncio.ensure_future(self._wake.wait())
+            waiter = self._wake.future()
             await self._clock.wait({consumer, waiter}, deadline)
             waiter.cancel()
             if consumer.done():
@@ -104,11 +112,18 @@ class TaskRun:
         Worker data is untrusted: strings arrive cleaned by the protocol decoder, and here each message keeps only
         the fields it should have, of the types they should be (the event log then bounds the sizes)."""
         task, worker = self._task, self._worker
+        # Closed here, when `done` returns from the loop: left to the garbage collector, the generator is closed by
+        # asyncio's finalizer hook, a new task woken through the loop's self-pipe (a loop turn per task).
+        async with contextlib.aclosing(worker.channel.run_task(task.id, dict(task.request.metadata))) as events:
+            return await self._consume_events(events)
+
+    async def _consume_events(self, events: AsyncIterator[WorkerEvent]) -> dict[str, Any]:
+        task, worker = self._task, self._worker
         error: dict[str, Any] | None = None
-        async for event in worker.channel.run_task(task.id, dict(task.request.metadata)):
+        async for event in events:
             data = event.data
             if event.type == "text_delta":
-                task.emit(EventType.TEXT_DELTA, delta=_text(data.get("delta")))
+                task.emit_delta(_text(data.get("delta")))
             elif event.type == "text":
                 task.set_text(_text(data.get("text")))
             elif event.type == "log":
@@ -123,14 +138,24 @@ class TaskRun:
             elif event.type == "error":
                 error = data
             elif event.type == "done":
-                return {**data, "error": error}
+                done = {**data, "error": error}
+                # Finished here, at once: waiting for the supervisor's turn (its wait wakes two loop turns later,
+                # after the session's bookkeeping) delayed the client's task_finish.
+                self._conclude(done)
+                return done
         raise WorkerError("worker stream ended without done")
 
     def _finish_from(self, consumer: asyncio.Task[dict[str, Any]]) -> RunOutcome:
-        task, session = self._task, self._session
         if consumer.cancelled() or isinstance(consumer.exception(), WorkerError):
             return RunOutcome.CRASHED
-        done = consumer.result()  # raises what the consumer raised, for the session to handle
+        self._conclude(consumer.result())  # result() raises what the consumer raised, for the session to handle
+        return RunOutcome.OK
+
+    def _conclude(self, done: dict[str, Any]) -> None:
+        """Finish the task as the worker's `done` says (once: the consumer does it, unless it was cut short)."""
+        task, session = self._task, self._session
+        if task.final:
+            return
         # The worker is idle again, model loaded: the original design's WAITING.
         task.emit(EventType.WORKER, status="waiting", container_id=session.container_id, session_id=session.id)
         status = done.get("status", "completed")
@@ -143,7 +168,6 @@ class TaskRun:
             task.finish(TaskStatus.CANCELLED, error=TaskError("cancelled", "the worker cancelled the task"))
         else:
             task.finish(TaskStatus.FAILED, error=worker_error(error))
-        return RunOutcome.OK
 
 
 def finish_cancelled(task: Task, stuck: bool) -> None:
