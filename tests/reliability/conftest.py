@@ -6,22 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.security.conftest import Figure, Figures
+from tests.figures import FigureTable
 
-FIGURES_KEY = pytest.StashKey[list[Figure]]()
-
-
-@pytest.fixture
-def figures(request: pytest.FixtureRequest) -> Figures:
-    """Where a test records what it measured."""
-    return Figures(request.config.stash.setdefault(FIGURES_KEY, []))
+RELIABILITY_FIGURES = FigureTable("reliability figures", scenario_width=40)
+figures = RELIABILITY_FIGURES.fixture()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     """Print every recorded figure, grouped by test."""
-    recorded = config.stash.get(FIGURES_KEY, [])
-    if not recorded:
-        return
-    terminalreporter.section("reliability figures")
-    for figure in recorded:
-        terminalreporter.write_line(f"{figure.attack:<40} {figure.name:<44} {figure.value:>12.3f} {figure.unit}")
+    RELIABILITY_FIGURES.print(terminalreporter, config)

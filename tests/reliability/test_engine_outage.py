@@ -34,8 +34,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.figures import Figures
 from tests.integration.conftest import engine_missing, engine_socket
-from tests.reliability.conftest import Figures
 from tests.reliability.privengine import PrivateDocker, PrivateEngine, PrivatePodman
 from tests.reliability.restartable import Restartable, close_restartable, open_restartable
 from tests.security.isolation_kit import API_KEY

@@ -19,8 +19,8 @@ from gpud.runtime.base import GpuDevice
 from gpud.runtime.instance import InstanceRuntime
 from gpud.runtime.spec import build_spec
 from gpud.settings.presets import Preset
+from tests.figures import Figures
 from tests.integration.conftest import engine_socket
-from tests.reliability.conftest import Figures
 from tests.reliability.restartable import (
     Restartable,
     close_restartable,

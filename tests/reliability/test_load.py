@@ -27,8 +27,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.figures import Figures
 from tests.integration.conftest import engine_socket
-from tests.reliability.conftest import Figures
 from tests.reliability.restartable import close_restartable, open_restartable
 from tests.security.hostile import KEY, MiB, body, start_host
 from tests.security.procstat import open_fds, rss_bytes

@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gpud.settings.presets import load_presets
+from tests.figures import Figures
 from tests.integration.stack import WORKER_IMAGE, Stack, runtimes, stack_fixture
-from tests.reliability.conftest import Figures
 
 RUNS = 5
 # Lines of many lengths (some far over the runtimes' 64 KiB piece size, of two-byte characters cut across), about

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.figures import Figures
 from tests.integration.conftest import engine_socket
-from tests.reliability.conftest import Figures
 from tests.reliability.privengine import PrivatePodman, answers
 from tests.reliability.restartable import close_restartable, fresh_client, open_restartable, open_sessions
 from tests.security.isolation_kit import API_KEY

@@ -33,8 +33,8 @@ import pytest
 from gpud.api.listener import REFUSED_LINGER_MAX
 from gpud.daemon.resources import FD_RESERVE
 from tests.daemonproc import REPO, DaemonProcess, UnixHTTPConnection
+from tests.figures import Figures
 from tests.integration.gpuctl_env import MODEL_ID, run_gpuctl, start_host
-from tests.security.conftest import Figures
 from tests.security.procstat import open_fds
 from tests.waiting import wait_for
 

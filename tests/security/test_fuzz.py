@@ -23,8 +23,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.figures import Figures
 from tests.integration.gpuctl_env import MODEL_ID, GpudHost, start_host
-from tests.security.conftest import Figures
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.security.conftest import Figures
+from tests.figures import Figures
 from tests.security.hostile import (
     KEY,
     MODEL_ID,

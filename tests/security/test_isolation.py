@@ -34,10 +34,10 @@ from gpud.runtime.spec import build_spec
 from gpud.settings.presets import Preset
 from gpud.work.uids import WorkerIds, WorkerIdsExhausted
 from tests.daemonproc import DaemonProcess
+from tests.figures import Figures
 from tests.integration.conftest import engine_socket
 from tests.integration.stack import parse_sse
 from tests.security.attacker import NOBODY, attempts, hijack
-from tests.security.conftest import Figures
 from tests.security.isolation_kit import (
     DEFAULT_RANGE,
     IMAGES,

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.figures import Figures
 from tests.integration.stack import Stack, runtimes, stack_fixture
-from tests.security.conftest import Figures
 
 
 @pytest.fixture(params=runtimes())

@@ -29,8 +29,8 @@ import pytest
 
 from gpud.modelstore import disk
 from tests.daemonproc import DaemonProcess
+from tests.figures import Figures
 from tests.fileservice import FileService
-from tests.security.conftest import Figures
 from tests.waiting import wait_for
 
 MODEL = "demo-text"  # in the default presets, with a `oneoff` and a `stream` (session) preset

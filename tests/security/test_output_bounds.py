@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.security.conftest import Figures
+from tests.figures import Figures
 from tests.security.hostile import (
     KEY,
     Frame,
