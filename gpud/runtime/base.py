@@ -25,7 +25,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from gpud.errors import GpudError, NotFound, Unavailable
 from gpud.settings.presets import Limits
@@ -172,6 +172,31 @@ class ContainerInfo:
     created: float  # seconds since the epoch
     exit_code: int | None = None
     oom_killed: bool = False
+
+    @classmethod
+    def from_engine(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        name: str,
+        image: object,
+        state: ContainerState,
+        labels: Mapping[str, str],
+        exit_code: Any,
+        oom_killed: bool,
+    ) -> ContainerInfo:
+        """What both engines' list entries and inspect documents give alike (`Id`, `Created`), with the fields each
+        engine names its own way; the exit code only once the container has exited."""
+        return cls(
+            id=str(data.get("Id", "")),
+            name=name.lstrip("/"),
+            image=str(image),
+            state=state,
+            labels=dict(labels),
+            created=parse_timestamp(data.get("Created", 0)),
+            exit_code=None if state is not ContainerState.EXITED else int(exit_code or 0),
+            oom_killed=oom_killed,
+        )
 
 
 @dataclass(frozen=True)

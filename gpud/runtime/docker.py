@@ -37,7 +37,6 @@ from gpud.runtime.base import (
     LogLine,
     ProgressCallback,
     Stream,
-    parse_timestamp,
     unix_socket_accepts,
 )
 from gpud.runtime.exits import SharedWaits
@@ -111,15 +110,8 @@ def container_info(data: Mapping[str, Any]) -> ContainerInfo:
         labels = data.get("Labels") or {}
         image = data.get("Image", "")
         name = str((data.get("Names") or [""])[0])
-    return ContainerInfo(
-        id=str(data.get("Id", "")),
-        name=name.lstrip("/"),
-        image=str(image),
-        state=status,
-        labels=dict(labels),
-        created=parse_timestamp(data.get("Created", 0)),
-        exit_code=None if status is not ContainerState.EXITED else int(exit_code or 0),
-        oom_killed=oom,
+    return ContainerInfo.from_engine(
+        data, name=name, image=image, state=status, labels=labels, exit_code=exit_code, oom_killed=oom
     )
 
 

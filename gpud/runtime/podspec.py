@@ -9,7 +9,7 @@ from typing import Any
 
 from podman.api.client import APIResponse
 
-from gpud.runtime.base import CPU_PERIOD_US, ContainerInfo, ContainerSpec, ContainerState, ExitStatus, parse_timestamp
+from gpud.runtime.base import CPU_PERIOD_US, ContainerInfo, ContainerSpec, ContainerState, ExitStatus
 
 
 def podman_create_payload(spec: ContainerSpec) -> dict[str, Any]:
@@ -90,15 +90,8 @@ def container_info(data: Mapping[str, Any]) -> ContainerInfo:
         oom = False
         labels = data.get("Labels") or {}
         image = data.get("Image", "")
-    return ContainerInfo(
-        id=str(data.get("Id", "")),
-        name=str(names[0]).lstrip("/"),
-        image=str(image),
-        state=status,
-        labels=dict(labels),
-        created=parse_timestamp(data.get("Created", 0)),
-        exit_code=None if status is not ContainerState.EXITED else int(exit_code or 0),
-        oom_killed=oom,
+    return ContainerInfo.from_engine(
+        data, name=str(names[0]), image=image, state=status, labels=labels, exit_code=exit_code, oom_killed=oom
     )
 
 
