@@ -26,6 +26,7 @@ from gpud.settings import LiveConfig, Settings
 from gpud.settings.presets import load_presets
 from gpud.state import instance_id
 from gpud.work.capacity import Capacity
+from gpud.work.hostparts import HostParts
 from gpud.work.journal import Journal
 from gpud.work.oneoff import OneOffRunner
 from gpud.work.removals import PendingRemovals
@@ -222,7 +223,7 @@ def create_services(settings: Settings, nvml: Any = None) -> Services:
     health = GpuHealth(inventory, scheduler)
     health.check()  # the first sample (taken when NVML opened): uncorrectable ECC errors drain before any lease
     metrics.watch(GpuCollector(inventory, scheduler, health))
-    restorer = Restorer(config, runtime, inventory, scheduler, models, ids, journal, tasks, oneoff, state)
+    restorer = Restorer(HostParts(config, inventory, scheduler, models, ids), runtime, journal, tasks, oneoff, state)
     fleet = None
     if settings.etcd_endpoints:  # fleet mode: imported only then (no etcd cost on a single host)
         from gpud.fleet.service import Fleet, FleetConfig

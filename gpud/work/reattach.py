@@ -10,20 +10,18 @@ import time
 from dataclasses import dataclass
 
 from gpud.errors import Conflict, NotFound
-from gpud.gpu.inventory import GpuInventory
-from gpud.gpu.scheduler import Lease, Scheduler
-from gpud.modelstore import ModelStore
+from gpud.gpu.scheduler import Lease
 from gpud.runtime.base import LABEL_GPU, LABEL_MODEL, LABEL_PRESET, LABEL_TASK, ContainerInfo, ContainerState
-from gpud.settings import LiveConfig
 from gpud.settings.presets import Preset
 from gpud.state import RecordsError, TaskRow
 from gpud.work.events import EventType, TaskEventLog
+from gpud.work.hostparts import HostParts
 from gpud.work.journal import Journal, restart_event_id
 from gpud.work.request import TaskRequest, TaskType
 from gpud.work.service import TaskService
 from gpud.work.sessions.adopt import gpu_by_uuid, worker_user
 from gpud.work.task import Task, TaskStatus
-from gpud.work.uids import WorkerIds, WorkerUser
+from gpud.work.uids import WorkerUser
 
 logger = logging.getLogger(__name__)
 
@@ -42,22 +40,8 @@ class OneOffReattacher:
     """Prepares one-off containers for OneOffRunner.resume(); `open_tasks` are the unfinished tasks the records
     knew (each taken out once its container is found)."""
 
-    def __init__(
-        self,
-        config: LiveConfig,
-        inventory: GpuInventory,
-        scheduler: Scheduler,
-        store: ModelStore,
-        ids: WorkerIds,
-        journal: Journal,
-        tasks: TaskService,
-        open_tasks: dict[str, Task],
-    ) -> None:
-        self._config = config
-        self._inventory = inventory
-        self._scheduler = scheduler
-        self._store = store
-        self._ids = ids
+    def __init__(self, host: HostParts, journal: Journal, tasks: TaskService, open_tasks: dict[str, Task]) -> None:
+        self._host = host
         self._journal = journal
         self._tasks = tasks
         self._open_tasks = open_tasks
@@ -69,22 +53,22 @@ class OneOffReattacher:
         task = self._open_tasks.get(task_id) or self._task_from_labels(info)
         if task is None:
             return "its task had already ended (its removal must have failed then)"
-        gpu = gpu_by_uuid(self._inventory, labels.get(LABEL_GPU))
+        gpu = gpu_by_uuid(self._host.inventory, labels.get(LABEL_GPU))
         lease = None
         if info.state is ContainerState.RUNNING:
             if gpu is None:
                 return f"its GPU {labels.get(LABEL_GPU)!r} is not one this gpud manages"
             try:
-                lease = self._scheduler.adopt(gpu.index, task_id, "task", task.request.model_id)
+                lease = self._host.scheduler.adopt(gpu.index, task_id, "task", task.request.model_id)
             except Conflict as exc:
                 return f"a duplicate: {exc.message}"
-        user = worker_user(self._ids, task.preset, labels, task_id)
+        user = worker_user(self._host.ids, task.preset, labels, task_id)
         if user is None:
             if lease is not None:
-                self._scheduler.release(lease)
+                self._host.scheduler.release(lease)
             return "its uid is missing or already another adopted worker's"
         with contextlib.suppress(NotFound):  # a model removed meanwhile: its mount keeps the files
-            self._store.acquire(task.request.model_id, task_id)
+            self._host.store.acquire(task.request.model_id, task_id)
         self._open_tasks.pop(task_id, None)
         task.container_id, task.gpu_id = info.id, gpu.index if gpu else task.gpu_id
         if task.status is TaskStatus.QUEUED:
@@ -107,10 +91,14 @@ class OneOffReattacher:
         row = self._read_task(task_id)
         if row is not None and row.final:
             return None
-        gpu = gpu_by_uuid(self._inventory, labels.get(LABEL_GPU))
+        gpu = gpu_by_uuid(self._host.inventory, labels.get(LABEL_GPU))
         model, preset = labels.get(LABEL_MODEL, ""), labels.get(LABEL_PRESET, "")
         request = TaskRequest(
-            TaskType.ONEOFF, gpu.difficulty if gpu else "low", model, preset, self._config.settings.default_task_timeout
+            TaskType.ONEOFF,
+            gpu.difficulty if gpu else "low",
+            model,
+            preset,
+            self._host.config.settings.default_task_timeout,
         )
         task = Task(request=request, preset=self.preset(model, preset), id=task_id, created_at=info.created)
         fresh_log(task, self._tasks)
@@ -132,7 +120,7 @@ class OneOffReattacher:
     def preset(self, model_id: str, name: str) -> Preset:
         """The catalog's preset, or a stand-in naming it (the catalog no longer has it)."""
         try:
-            return self._config.presets.get(model_id, name)
+            return self._host.config.presets.get(model_id, name)
         except NotFound:
             return Preset(model_id=model_id, name=name, image="")
 

@@ -22,9 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpud.errors import GpudError
-from gpud.gpu.inventory import GpuInventory
-from gpud.gpu.scheduler import Scheduler
-from gpud.modelstore import ModelStore
 from gpud.runtime.base import (
     LABEL_GPU,
     LABEL_MANAGED,
@@ -35,8 +32,8 @@ from gpud.runtime.base import (
     ContainerRuntime,
     ContainerState,
 )
-from gpud.settings import LiveConfig
 from gpud.state import RecordsError, SessionRow
+from gpud.work.hostparts import HostParts
 from gpud.work.journal import Journal, session_from_row, task_from_row
 from gpud.work.oneoff import OneOffRunner
 from gpud.work.reattach import OneOffReattacher, Resume, fresh_log
@@ -44,7 +41,6 @@ from gpud.work.service import TaskService
 from gpud.work.sessions.adopt import LOST, Candidate, SessionAdopter, gpu_by_uuid
 from gpud.work.sessions.record import SessionState
 from gpud.work.task import Task, TaskError, TaskStatus
-from gpud.work.uids import WorkerIds
 
 logger = logging.getLogger(__name__)
 
@@ -74,34 +70,24 @@ class Restorer:
 
     def __init__(
         self,
-        config: LiveConfig,
+        host: HostParts,
         runtime: ContainerRuntime,
-        inventory: GpuInventory,
-        scheduler: Scheduler,
-        store: ModelStore,
-        ids: WorkerIds,
         journal: Journal,
         tasks: TaskService,
         oneoff: OneOffRunner,
         state_dir: Path,
     ) -> None:
-        self._config = config
+        self._host = host
         self._runtime = runtime
-        self._inventory = inventory
-        self._scheduler = scheduler
-        self._store = store
-        self._ids = ids
         self._journal = journal
         self._tasks = tasks
         self._oneoff = oneoff
         self._state_dir = state_dir
-        self._adopter = SessionAdopter(tasks.sessions, config, inventory, scheduler, store, ids, tasks.removals)
+        self._adopter = SessionAdopter(host, tasks.sessions, tasks.removals)
         self._open_tasks: dict[str, Task] = {}
         self._open_sessions: dict[str, SessionRow] = {}
         self._new_records = False
-        self._oneoffs = OneOffReattacher(
-            config, inventory, scheduler, store, ids, journal, tasks, open_tasks=self._open_tasks
-        )
+        self._oneoffs = OneOffReattacher(host, journal, tasks, open_tasks=self._open_tasks)
         self.report: RestoreReport | None = None
 
     # --- step 1: the records -----------------------------------------------------------------------------
@@ -134,13 +120,13 @@ class Restorer:
     async def first_try(self) -> bool:
         """Reconcile now (at start, before the API serves); False when the engine does not answer, and then no GPU
         is leased until reconcile_until_done() has reached it."""
-        self._scheduler.withhold("gpud is checking which work survived its restart; try again shortly")
+        self._host.scheduler.withhold("gpud is checking which work survived its restart; try again shortly")
         try:
             await self.reconcile()
         except GpudError as exc:  # EngineUnavailable above all
             logger.warning("cannot reconcile with the engine yet (%s); no GPU is leased until it answers", exc)
             return False
-        self._scheduler.withhold(None)
+        self._host.scheduler.withhold(None)
         return True
 
     async def reconcile_until_done(self) -> None:
@@ -150,13 +136,13 @@ class Restorer:
             with contextlib.suppress(GpudError):
                 await self.reconcile()
                 break
-        self._scheduler.withhold(None)
+        self._host.scheduler.withhold(None)
 
     async def reconcile(self) -> RestoreReport:
         """Adopt or remove every container of this instance, then settle the records; raises EngineUnavailable
         (before changing anything) when the engine cannot list its containers."""
         started = time.monotonic()
-        live = self._config.settings.live_restore
+        live = self._host.config.settings.live_restore
         containers = sorted(await self._runtime.list({LABEL_MANAGED: "true"}), key=lambda c: c.created)
         report = RestoreReport(live_restore=live, containers=len(containers))
         if self._new_records and containers:
@@ -212,20 +198,20 @@ class Restorer:
         return await self._tasks.removals.remove(info.id, what, held)
 
     def _hold_for_removal(self, info: ContainerInfo) -> Callable[[], None]:
-        gpu = gpu_by_uuid(self._inventory, info.labels.get(LABEL_GPU))
+        gpu = gpu_by_uuid(self._host.inventory, info.labels.get(LABEL_GPU))
         holder = f"removal-{info.id[:12]}"
         lease = None
-        if gpu is not None and self._scheduler.lease_of(gpu.index) is None:
-            lease = self._scheduler.adopt(gpu.index, holder, "removal")
+        if gpu is not None and self._host.scheduler.lease_of(gpu.index) is None:
+            lease = self._host.scheduler.adopt(gpu.index, holder, "removal")
         user = None
         with contextlib.suppress(ValueError):
-            user = self._ids.reserve(int(info.labels.get(LABEL_UID, "")), holder)
+            user = self._host.ids.reserve(int(info.labels.get(LABEL_UID, "")), holder)
 
         def gone() -> None:
             if lease is not None:
-                self._scheduler.release(lease)
+                self._host.scheduler.release(lease)
             if user is not None:
-                self._ids.release(user)
+                self._host.ids.release(user)
 
         return gone
 

@@ -19,12 +19,10 @@ from typing import Any
 
 from gpud.errors import Conflict, NotFound
 from gpud.gpu.inventory import Gpu, GpuInventory
-from gpud.gpu.scheduler import Scheduler
-from gpud.modelstore import ModelStore
 from gpud.runtime.base import LABEL_GPU, LABEL_MODEL, LABEL_PRESET, LABEL_SESSION, LABEL_TASK, LABEL_UID, ContainerInfo
-from gpud.settings import LiveConfig
 from gpud.settings.presets import Preset
 from gpud.state import SessionRow
+from gpud.work.hostparts import HostParts
 from gpud.work.journal import apply_times, monotonic_of
 from gpud.work.removals import PendingRemovals
 from gpud.work.sessions.manager import SessionManager
@@ -72,22 +70,9 @@ def worker_user(ids: WorkerIds, preset: Preset, labels: Mapping[str, str], holde
 class SessionAdopter:
     """Turns running session containers back into sessions of the manager."""
 
-    def __init__(
-        self,
-        manager: SessionManager,
-        config: LiveConfig,
-        inventory: GpuInventory,
-        scheduler: Scheduler,
-        store: ModelStore,
-        ids: WorkerIds,
-        removals: PendingRemovals,
-    ) -> None:
+    def __init__(self, host: HostParts, manager: SessionManager, removals: PendingRemovals) -> None:
+        self._host = host
         self._manager = manager
-        self._config = config
-        self._inventory = inventory
-        self._scheduler = scheduler
-        self._store = store
-        self._ids = ids
         self._removals = removals
 
     def prepare(self, info: ContainerInfo, row: SessionRow | None) -> Candidate | str:
@@ -96,19 +81,19 @@ class SessionAdopter:
         labels = dict(info.labels)
         session_id = labels[LABEL_SESSION]
         try:
-            preset = self._config.presets.get(labels.get(LABEL_MODEL, ""), labels.get(LABEL_PRESET, ""))
+            preset = self._host.config.presets.get(labels.get(LABEL_MODEL, ""), labels.get(LABEL_PRESET, ""))
         except NotFound as exc:
             return f"its preset is no longer in the catalog ({exc.message})"
-        gpu = gpu_by_uuid(self._inventory, labels.get(LABEL_GPU))
+        gpu = gpu_by_uuid(self._host.inventory, labels.get(LABEL_GPU))
         if gpu is None:
             return f"its GPU {labels.get(LABEL_GPU)!r} is not one this gpud manages"
         try:
-            lease = self._scheduler.adopt(gpu.index, session_id, "session", preset.model_id)
+            lease = self._host.scheduler.adopt(gpu.index, session_id, "session", preset.model_id)
         except Conflict as exc:
             return f"a duplicate: {exc.message}"
-        user = worker_user(self._ids, preset, labels, session_id)
+        user = worker_user(self._host.ids, preset, labels, session_id)
         if user is None:
-            self._scheduler.release(lease)
+            self._host.scheduler.release(lease)
             return f"its uid {labels.get(LABEL_UID)!r} is missing or already another adopted worker's"
         session = Session(
             id=session_id, preset=preset, difficulty=row.difficulty if row else gpu.difficulty, lease=lease,
@@ -116,10 +101,10 @@ class SessionAdopter:
         )  # fmt: skip
         self._restore_counters(session, info, row)
         try:
-            self._store.acquire(preset.model_id, session_id)
+            self._host.store.acquire(preset.model_id, session_id)
         except NotFound:  # its mount keeps the files it uses; the cache just cannot protect them now
             logger.warning("session %s: model %s is no longer in the cache", session_id, preset.model_id)
-        model_dir = self._store.path_for(preset.model_id)
+        model_dir = self._host.store.path_for(preset.model_id)
         worker = self._manager.worker_for(session, labels.get(LABEL_TASK, ""), model_dir, user)
         return Candidate(info, session, user, worker, from_labels=row is None)
 
@@ -177,9 +162,9 @@ class SessionAdopter:
         removed = await candidate.worker.stop()
 
         def gone() -> None:
-            self._store.release(session.preset.model_id, session.id)
-            self._scheduler.release(session.lease)
-            self._ids.release(candidate.user)
+            self._host.store.release(session.preset.model_id, session.id)
+            self._host.scheduler.release(session.lease)
+            self._host.ids.release(candidate.user)
 
         if removed:
             gone()
