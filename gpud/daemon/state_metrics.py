@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from gpud.modelstore import ModelStore
+from gpud.work.registry import TaskRegistry
 from gpud.work.sessions.record import SessionRegistry, SessionState
-from gpud.work.task import FINAL, TaskRegistry, TaskStatus
+from gpud.work.task import FINAL, TaskStatus
 
 ACTIVE = (TaskStatus.QUEUED, TaskStatus.RUNNING)
 RETAINED = tuple(status for status in TaskStatus if status in FINAL)

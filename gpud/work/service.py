@@ -19,10 +19,11 @@ from gpud.work.capacity import Capacity
 from gpud.work.events import EventLimits
 from gpud.work.journal import Journal
 from gpud.work.oneoff import OneOffRunner
+from gpud.work.registry import TaskRegistry
 from gpud.work.removals import PendingRemovals
 from gpud.work.request import TaskRequest, TaskType
 from gpud.work.sessions.manager import SessionManager
-from gpud.work.task import Task, TaskRegistry, new_id
+from gpud.work.task import Task, new_id
 from gpud.work.taskmetrics import TaskMetrics
 
 logger = logging.getLogger(__name__)

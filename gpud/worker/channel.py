@@ -8,10 +8,20 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpud.worker.messages import (
+    EventSink,
+    ReadyInfo,
+    TaskStream,
+    WorkerBusy,
+    WorkerError,
+    WorkerEvent,
+    WorkerGone,
+    WorkerSetupFailed,
+    WorkerTimeout,
+)
 from gpud.worker.peer import peer_of
 from gpud.worker.protocol import (
     MAX_MESSAGE_SIZE,
@@ -49,56 +59,6 @@ _TASK_EVENTS = frozenset(
 )
 
 
-class WorkerError(Exception):
-    """Base of every failure the channel reports."""
-
-
-class WorkerGone(WorkerError):
-    """The worker's connection closed (it exited, crashed, or was killed)."""
-
-
-class WorkerTimeout(WorkerError, TimeoutError):
-    """The worker did not answer in time."""
-
-
-class WorkerBusy(WorkerError):
-    """A task is already running on this worker (one at a time)."""
-
-
-class WorkerSetupFailed(WorkerError):
-    """The worker reported an error before it became ready (its load step failed)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReadyInfo:
-    """What the worker said when it became ready."""
-
-    protocol: int
-    pid: int | None
-    info: dict[str, Any]
-    seconds_to_ready: float  # from start() to `ready`, measured by gpud
-    # A worker that kept its loaded model across gpud's restart and reconnected: `hello {resuming: true}` and
-    # `ready {resumed: true}`, whose info is the one it gave at its first ready (no load happened now).
-    resumed: bool = False
-
-
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more, once per message
-class WorkerEvent:
-    """One task message from the worker: type is a WorkerMessage value, data is the message minus `type`."""
-
-    type: str
-    task_id: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class _Running:
-    task_id: str
-    delta_prefix: bytes  # protocol.delta_prefix(task_id)
-    queue: asyncio.Queue[WorkerEvent | WorkerError] = field(default_factory=asyncio.Queue)
-    abandoned: bool = False  # the caller stopped iterating; drop events until `done`
-
-
 class WorkerChannel:
     """Listens on `<socket_dir>/worker.sock`, accepts one worker running as `uid`, and runs its tasks one at a
     time. The directory and socket are handed to uid:gid (0700/0600); connections from any other uid are
@@ -115,7 +75,7 @@ class WorkerChannel:
         self._connected = asyncio.Event()
         self._ready: asyncio.Future[ReadyInfo] | None = None
         self._hello: dict[str, Any] = {}
-        self._running: _Running | None = None
+        self._running: TaskStream | None = None
         self._pings: dict[int, asyncio.Future[None]] = {}
         self._ping_ids = itertools.count(1)
         self._gone: WorkerGone | None = None
@@ -220,7 +180,7 @@ class WorkerChannel:
                 logger.warning("worker socket %s: further protocol errors are counted, not logged", self.socket_path)
         if self._running is not None:
             data = {"stream": "gpud", "line": f"worker protocol error: {problem}"}
-            self._running.queue.put_nowait(WorkerEvent(WorkerMessage.LOG, self._running.task_id, data))
+            self._running.deliver(WorkerEvent(WorkerMessage.LOG, self._running.task_id, data))
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.pop("type")
@@ -274,8 +234,7 @@ class WorkerChannel:
             return
         if kind == WorkerMessage.DONE:
             self._running = None  # the worker is free again as soon as it says so
-        if not running.abandoned:
-            running.queue.put_nowait(WorkerEvent(kind, running.task_id, message))
+        running.deliver(WorkerEvent(kind, running.task_id, message))
 
     def _fail_ready(self, error: WorkerError) -> None:
         if self._ready is not None and not self._ready.done():
@@ -289,8 +248,8 @@ class WorkerChannel:
         self._connected.set()
         self._fail_ready(WorkerGone(reason))
         if self._running is not None:
-            self._running.queue.put_nowait(WorkerGone(f"{reason} while running task {self._running.task_id}"))
-            self._running = None
+            running, self._running = self._running, None
+            running.deliver(WorkerGone(f"{reason} while running task {running.task_id}"))
         for future in self._pings.values():
             if not future.done():
                 future.set_exception(WorkerGone(reason))
@@ -320,30 +279,49 @@ class WorkerChannel:
         except TimeoutError:
             raise WorkerTimeout(f"worker not ready within {timeout:g}s") from None
 
+    def start_task(self, task_id: str, input: dict[str, Any], sink: EventSink) -> TaskStream:
+        """Send a task now, from the caller's own step; its events go to `sink` as they are read, the last one
+        `done`, or a WorkerError (WorkerGone, WorkerBusy, not ready) instead. Nothing is awaited: a task message
+        is bounded by the request size, and sending it from the submitting request saves the loop turns a
+        coroutine would take to get there."""
+        stream = TaskStream(task_id, delta_prefix(task_id), sink)
+        problem: WorkerError | None = None
+        if self._ready is None or not self._ready.done() or self._ready.exception() is not None:
+            problem = WorkerError("worker is not ready")
+        elif self._running is not None:
+            problem = WorkerBusy(f"worker is running task {self._running.task_id}")
+        else:
+            try:
+                self._send_nowait({"type": HostMessage.TASK, "task_id": task_id, "input": input})
+                self._running = stream
+            except WorkerError as exc:
+                problem = exc
+        if problem is not None:
+            stream.deliver(problem)
+            stream.abandoned = True
+        return stream
+
+    def abandon(self, stream: TaskStream) -> None:
+        """Stop delivering a task's events: the worker stays busy with it until it says `done`."""
+        stream.abandoned = True
+        if self._running is stream and self._gone is not None:
+            self._running = None
+
     async def run_task(self, task_id: str, input: dict[str, Any]) -> AsyncGenerator[WorkerEvent, None]:
         """Send a task and yield its events; the last one yielded is `done`. Raises WorkerGone, WorkerBusy."""
-        if self._ready is None or not self._ready.done() or self._ready.exception() is not None:
-            raise WorkerError("worker is not ready")
-        if self._running is not None:
-            raise WorkerBusy(f"worker is running task {self._running.task_id}")
-        running = _Running(task_id, delta_prefix(task_id))
-        self._running = running
+        queue: asyncio.Queue[WorkerEvent | WorkerError] = asyncio.Queue()
+        stream = self.start_task(task_id, input, queue.put_nowait)
         try:
-            await self._send({"type": HostMessage.TASK, "task_id": task_id, "input": input})
             while True:
-                # get_nowait while there is something: Queue.get is a coroutine per item, most of a delta's cost
-                # between the socket and the task's log when a worker streams fast.
-                item = running.queue.get_nowait() if running.queue.qsize() else await running.queue.get()
+                # get_nowait while there is something: Queue.get is a coroutine per item.
+                item = queue.get_nowait() if queue.qsize() else await queue.get()
                 if isinstance(item, WorkerError):
                     raise item
                 yield item
                 if item.type == WorkerMessage.DONE:
                     return
         finally:
-            # A caller that stops early leaves the worker busy until it says `done`; its events are dropped.
-            running.abandoned = True
-            if self._running is running and self._gone is not None:
-                self._running = None
+            self.abandon(stream)
 
     async def cancel(self, task_id: str) -> None:
         """Ask the worker to stop a task; it answers with `done` (cancelled) if it complies. No-op if idle."""

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from gpud.work.sessions.worker import SessionWorker
-from gpud.worker.channel import WorkerEvent
+from gpud.worker.messages import WorkerEvent
 from tests.integration.stack import Stack, runtimes, stack_fixture
 
 

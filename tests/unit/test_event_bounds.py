@@ -10,8 +10,9 @@ import pytest
 from gpud.jsonsafe import UnsafeJSON, dumps_safe, loads_strict, sanitize
 from gpud.settings.presets import Preset
 from gpud.work.events import EventLimits, EventType, TaskEventLog
+from gpud.work.registry import TaskRegistry
 from gpud.work.request import TaskRequest, TaskType
-from gpud.work.task import Task, TaskError, TaskRegistry, TaskStatus
+from gpud.work.task import Task, TaskError, TaskStatus
 from gpud.work.textcap import LongLines, TextBuffer, cut_utf8, split_utf8, truncate_line, utf8_len
 
 

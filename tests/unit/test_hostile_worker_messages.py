@@ -18,7 +18,8 @@ from gpud.daemon.logs import JournalFormatter, SafeFormatter, escape_controls
 from gpud.runtime.base import Stream
 from gpud.runtime.logsplit import LineSplitter
 from gpud.work.sessions.taskrun import progress_fields, worker_error
-from gpud.worker.channel import WorkerChannel, WorkerGone
+from gpud.worker.channel import WorkerChannel
+from gpud.worker.messages import WorkerGone
 from gpud.worker.protocol import ProtocolError, decode
 
 

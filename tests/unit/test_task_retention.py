@@ -7,8 +7,9 @@ import pytest
 
 from gpud.settings.presets import Preset
 from gpud.work.events import EventType, TaskEventLog
+from gpud.work.registry import TaskRegistry
 from gpud.work.request import TaskRequest, TaskType
-from gpud.work.task import Task, TaskRegistry, TaskStatus
+from gpud.work.task import Task, TaskStatus
 
 
 def make_task() -> Task:

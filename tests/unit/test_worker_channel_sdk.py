@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from gpud.worker import sdk_source_path
-from gpud.worker.channel import WorkerBusy, WorkerChannel, WorkerEvent, WorkerGone, WorkerSetupFailed
+from gpud.worker.channel import WorkerChannel
+from gpud.worker.messages import WorkerBusy, WorkerEvent, WorkerGone, WorkerSetupFailed
 from gpud.worker.protocol import ENV_SOCKET, MAX_MESSAGE_SIZE
 
 REPO = Path(__file__).resolve().parents[2]

@@ -29,7 +29,8 @@ from gpud.settings.presets import Preset
 from gpud.work.sessions.worker import SessionWorker, WorkerCrashed
 from gpud.work.uids import WorkerUser
 from gpud.worker import sdk_source_path, session_worker_env
-from gpud.worker.channel import WorkerChannel, WorkerGone
+from gpud.worker.channel import WorkerChannel
+from gpud.worker.messages import WorkerGone
 from gpud.worker.protocol import ENV_RECONNECT_SECONDS, ENV_SOCKET, SOCKET_NAME
 from gpud.worker.socketdir import SocketDirUnusable
 from tests.unit.test_worker_channel_sdk import STREAM_TEXT, WORDS, WORKER_UID, RawWorker, collect, own_channel

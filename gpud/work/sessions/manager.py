@@ -58,6 +58,7 @@ class SessionManager:
         self.registry = SessionRegistry(records)
         self._lives: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, Wakeup] = {}
+        self._begun: dict[str, TaskRun] = {}  # a task enqueue sent to an idle worker, until the session supervises it
         self._workers: dict[str, SessionWorker] = {}
         self._ids = ids
         self._users: dict[str, WorkerUser] = {}  # session id -> the host user its workers run as
@@ -94,12 +95,17 @@ class SessionManager:
         task.session_id = session.id
         task.gpu_id = session.lease.gpu.index
         session.touch()
-        session.queue.append(task)
         self._attach_cancel(session, task)
         if session.state is not SessionState.STARTING:
             task.emit(EventType.CONNECTION, status="session_ready", gpu_id=task.gpu_id, session_id=session.id)
-        if session.current is not None or len(session.queue) > 1 or session.state is SessionState.STARTING:
-            # Only a task that really waits is told its place; an idle worker picks it up at once.
+        worker = self._workers.get(session.id)
+        if session.state is SessionState.READY and session.current is None and not session.queue and worker:
+            # The worker waits idle: the task starts from this request's own step, not loop turns later from the
+            # session's task (which wakes to supervise it); `working` leaves with `connection`.
+            self._begun[session.id] = self._begin(session, worker, task, after_this_step=True)
+        else:
+            session.queue.append(task)
+            # Only a task that really waits is told its place.
             task.emit(
                 EventType.WORKER, status="queued", container_id=session.container_id, queue_position=len(session.queue)
             )
@@ -241,6 +247,8 @@ class SessionManager:
         """The next queued task, or None when the session must end (stop requested, idle, lifetime, crash)."""
         wake = self._wakeups[session.id]
         while True:
+            if session.current is not None and session.stop_reason is None:
+                return session.current  # started by enqueue (the worker was idle): it runs, as any started task
             settings = self._config.settings
             now = self._clock.monotonic()
             expires = session.expires_at(settings.session_max_lifetime_seconds)
@@ -266,15 +274,14 @@ class SessionManager:
 
         `session.current` stays set until the task is final: whatever escapes from here (an unexpected error, a
         crash, a cancellation), the teardown still finds the running task and finishes it."""
-        session.current = task
         try:
-            session.move(SessionState.WORKING)
-            session.announce_positions()
-            task.mark_running()  # TaskRun.run emits `working`, once the task is on its way to the worker
-            worker.on_output = output_to(task)
+            run = self._begun.pop(session.id, None)
+            if run is None or run.task is not task:
+                run = self._begin(session, worker, task)
             try:
-                outcome = await TaskRun(session, worker, task, self._wakeups[session.id], self._clock).run()
+                outcome = await run.run()
             finally:
+                run.abandon()  # whatever ended it, no event of the task arrives after this (run() does it too)
                 worker.on_output = None
                 session.tasks_run += 1
                 session.touch()
@@ -331,8 +338,22 @@ class SessionManager:
                 end_tasks(session, crash)
             self._lives.pop(session.id, None)
             self._wakeups.pop(session.id, None)
+            begun = self._begun.pop(session.id, None)
+            if begun is not None:  # started by enqueue, never supervised: the session ended first
+                begun.abandon()
 
     # --- helpers ---------------------------------------------------------------------------------------
+
+    def _begin(self, session: Session, worker: SessionWorker, task: Task, after_this_step: bool = False) -> TaskRun:
+        """Make `task` the session's current one and send it to the worker (TaskRun.start); _run supervises it."""
+        session.current = task
+        session.move(SessionState.WORKING)
+        session.announce_positions()
+        task.mark_running()
+        worker.on_output = output_to(task)
+        run = TaskRun(session, worker, task, self._wakeups[session.id], self._clock)
+        run.start(after_this_step=after_this_step)
+        return run
 
     def _release(self, session: Session, stuck: list[SessionWorker] | None) -> None:
         """Model, GPU and uid go back once the containers are gone: now, or when a later removal succeeds (the

@@ -8,7 +8,6 @@ import enum
 import logging
 import math
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 from gpud.clock import Clock
@@ -18,7 +17,7 @@ from gpud.work.sessions.record import Session
 from gpud.work.sessions.wakeup import Wakeup
 from gpud.work.sessions.worker import SessionWorker
 from gpud.work.task import Task, TaskError, TaskStatus, cancel_error
-from gpud.worker.channel import WorkerError, WorkerEvent
+from gpud.worker.messages import TaskStream, WorkerError, WorkerEvent
 
 logger = logging.getLogger(__name__)
 
@@ -54,42 +53,74 @@ class RunOutcome(enum.Enum):
 class TaskRun:
     """Runs `task` on `worker` until it ends, times out, is cancelled, or the session must stop.
 
-    `wake` is set by whoever changes what the run should do (a cancel, a kill); the run then re-checks."""
+    start() sends the task (from whichever step runs first: the submitting request when the worker waits idle, else
+    the session's own task); the worker's events then arrive in _on_event, called by the channel as it reads them,
+    and run() supervises. `wake` is set by whoever changes what the run should do (a cancel, a kill)."""
 
     def __init__(self, session: Session, worker: SessionWorker, task: Task, wake: Wakeup, clock: Clock) -> None:
+        self.task = task
         self._session = session
         self._worker = worker
-        self._task = task
         self._wake = wake
         self._clock = clock
+        self._done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._stream: TaskStream | None = None
+        self._error: dict[str, Any] | None = None
+        self._started = False
+        self._send_handle: asyncio.Handle | None = None
+        self._deadline = 0.0
+
+    def start(self, *, after_this_step: bool = False) -> None:
+        """Say `working` and send the task to the worker: now, or `after_this_step` (the submitting request's step
+        writes `connection` and `working` to its client first, in one write, then the loop's next callback sends
+        the task: a client waiting for its first event is not kept waiting for the worker's send)."""
+        task, session = self.task, self._session
+        self._started = True
+        self._deadline = self._clock.monotonic() + task.request.timeout_seconds
+        task.emit(EventType.WORKER, status="working", container_id=session.container_id, session_id=session.id)
+        if after_this_step:
+            self._send_handle = asyncio.get_running_loop().call_soon(self._send)
+        else:
+            self._send()
+
+    def _send(self) -> None:
+        self._send_handle = None
+        self._stream = self._worker.channel.start_task(self.task.id, dict(self.task.request.metadata), self._on_event)
 
     async def run(self) -> RunOutcome:
-        """Stream the task's events and supervise it; returns what the session must do next."""
-        consumer = asyncio.create_task(self._consume())
-        session = self._session
+        """Supervise the task (started now unless start() ran); returns what the session must do next."""
+        if not self._started:
+            self.start()
         try:
-            # After the consumer is created: its first step (sending the task to the worker) then runs before the
-            # SSE writes this event wakes, so the worker starts as early as it can.
-            self._task.emit(
-                EventType.WORKER, status="working", container_id=session.container_id, session_id=session.id
-            )
-            return await self._supervise(consumer)
+            return await self._supervise()
         finally:
-            consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await consumer
+            self.abandon()
 
-    async def _supervise(self, consumer: asyncio.Task[dict[str, Any]]) -> RunOutcome:
-        task, session = self._task, self._session
-        deadline = self._clock.monotonic() + task.request.timeout_seconds
+    def abandon(self) -> None:
+        """Stop taking the worker's events for this task (the run is over, or never ran)."""
+        if self._send_handle is not None:  # never sent: the session ended first
+            self._send_handle.cancel()
+            self._send_handle = None
+        if self._stream is not None:
+            self._worker.channel.abandon(self._stream)
+        if not self._done.done():
+            self._done.cancel()
+        elif not self._done.cancelled():
+            self._done.exception()  # retrieved: an error nobody waits for is not a warning
+
+    async def _supervise(self) -> RunOutcome:
+        task, session = self.task, self._session
+        deadline = self._deadline
         cancel_sent = False
-        while not consumer.done():
+        while not self._done.done():
             self._wake.clear()
-            waiter = self._wake.future()
-            await self._clock.wait({consumer, waiter}, deadline)
-            waiter.cancel()
-            if consumer.done():
-                break
+            # Looked at before waiting too: a cancel may have come while the task waited for this step.
+            if not (task.cancel_reason and not cancel_sent) and session.stop_reason is None:
+                waiter = self._wake.future()
+                await self._clock.wait({self._done, waiter}, deadline)
+                waiter.cancel()
+                if self._done.done():
+                    break
             if session.stop_reason is not None:
                 task.finish(TaskStatus.CANCELLED, error=stop_error(session.stop_reason))
                 return RunOutcome.STOP
@@ -104,56 +135,54 @@ class TaskRun:
             elif overdue:
                 finish_cancelled(task, stuck=True)
                 return RunOutcome.RESTART
-        return self._finish_from(consumer)
+        return self._finish_from(self._done)
 
-    async def _consume(self) -> dict[str, Any]:
-        """Stream the worker's events for the task into its log; return the `done` message.
-
-        Worker data is untrusted: strings arrive cleaned by the protocol decoder, and here each message keeps only
-        the fields it should have, of the types they should be (the event log then bounds the sizes)."""
-        task, worker = self._task, self._worker
-        # Closed here, when `done` returns from the loop: left to the garbage collector, the generator is closed by
-        # asyncio's finalizer hook, a new task woken through the loop's self-pipe (a loop turn per task).
-        async with contextlib.aclosing(worker.channel.run_task(task.id, dict(task.request.metadata))) as events:
-            return await self._consume_events(events)
-
-    async def _consume_events(self, events: AsyncIterator[WorkerEvent]) -> dict[str, Any]:
-        task, worker = self._task, self._worker
-        error: dict[str, Any] | None = None
-        async for event in events:
-            data = event.data
-            if event.type == "text_delta":
-                task.emit_delta(_text(data.get("delta")))
-            elif event.type == "text":
-                task.set_text(_text(data.get("text")))
-            elif event.type == "log":
-                line, stream = _text(data.get("line")), _name(data.get("stream"), "worker")
-                worker.tail.append(line[:TAIL_LINE_CHARS])  # quoted if the worker crashes, like its container output
-                worker.output.add(stream, line, task_id=task.id)  # for `gpuctl logs`, among its container output
-                task.emit(EventType.LOGS, stream=stream, line=line)
-            elif event.type == "progress":
-                task.emit(EventType.PROGRESS, **progress_fields(data))
-            elif event.type == "result":
-                task.result = {k: v for k, v in data.items() if k != "task_id"}
-            elif event.type == "error":
-                error = data
-            elif event.type == "done":
-                done = {**data, "error": error}
-                # Finished here, at once: waiting for the supervisor's turn (its wait wakes two loop turns later,
-                # after the session's bookkeeping) delayed the client's task_finish.
+    def _on_event(self, item: WorkerEvent | WorkerError) -> None:
+        """One of the worker's events for the task, into its log; `done` finishes the task at once (waiting for the
+        supervisor's turn delayed the client's task_finish by loop turns). A WorkerError ends the run."""
+        if self._done.done():
+            return
+        try:
+            if isinstance(item, WorkerError):
+                raise item
+            if item.type == "done":
+                done = {**item.data, "error": self._error}
                 self._conclude(done)
-                return done
-        raise WorkerError("worker stream ended without done")
+                self._done.set_result(done)
+            else:
+                self._take(item)
+        except Exception as exc:  # a WorkerError is a crash; anything else, a bug the session reports
+            self._done.set_exception(exc)
 
-    def _finish_from(self, consumer: asyncio.Task[dict[str, Any]]) -> RunOutcome:
-        if consumer.cancelled() or isinstance(consumer.exception(), WorkerError):
+    def _take(self, event: WorkerEvent) -> None:
+        """Worker data is untrusted: strings arrive cleaned by the protocol decoder, and here each message keeps only
+        the fields it should have, of the types they should be (the event log then bounds the sizes)."""
+        task, worker, data = self.task, self._worker, event.data
+        if event.type == "text_delta":
+            task.emit_delta(_text(data.get("delta")))
+        elif event.type == "text":
+            task.set_text(_text(data.get("text")))
+        elif event.type == "log":
+            line, stream = _text(data.get("line")), _name(data.get("stream"), "worker")
+            worker.tail.append(line[:TAIL_LINE_CHARS])  # quoted if the worker crashes, like its container output
+            worker.output.add(stream, line, task_id=task.id)  # for `gpuctl logs`, among its container output
+            task.emit(EventType.LOGS, stream=stream, line=line)
+        elif event.type == "progress":
+            task.emit(EventType.PROGRESS, **progress_fields(data))
+        elif event.type == "result":
+            task.result = {k: v for k, v in data.items() if k != "task_id"}
+        elif event.type == "error":
+            self._error = data
+
+    def _finish_from(self, done: asyncio.Future[dict[str, Any]]) -> RunOutcome:
+        if done.cancelled() or isinstance(done.exception(), WorkerError):
             return RunOutcome.CRASHED
-        self._conclude(consumer.result())  # result() raises what the consumer raised, for the session to handle
+        self._conclude(done.result())  # result() raises what _on_event caught, for the session to handle
         return RunOutcome.OK
 
     def _conclude(self, done: dict[str, Any]) -> None:
-        """Finish the task as the worker's `done` says (once: the consumer does it, unless it was cut short)."""
-        task, session = self._task, self._session
+        """Finish the task as the worker's `done` says (once)."""
+        task, session = self.task, self._session
         if task.final:
             return
         # The worker is idle again, model loaded: the original design's WAITING.

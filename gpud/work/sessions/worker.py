@@ -20,7 +20,8 @@ from gpud.work.sessions.output import WorkerOutput
 from gpud.work.task import Task
 from gpud.work.uids import WorkerUser
 from gpud.worker import session_worker_env
-from gpud.worker.channel import ReadyInfo, WorkerChannel, WorkerError
+from gpud.worker.channel import WorkerChannel
+from gpud.worker.messages import ReadyInfo, WorkerError
 from gpud.worker.protocol import CONTAINER_SDK_DIR, CONTAINER_SOCKET_DIR, DEFAULT_RECONNECT_SECONDS
 
 logger = logging.getLogger(__name__)
