@@ -13,6 +13,7 @@ from gpud.api.keys import ProcessStart, ReloadFunction
 from gpud.daemon.examples import prepare_process_host, process_image_dirs
 from gpud.daemon.gpu_metrics import GpuCollector
 from gpud.daemon.state_metrics import StateCollector
+from gpud.gpu.drains import DrainFile, restore_drains
 from gpud.gpu.health import GpuHealth
 from gpud.gpu.inventory import GpuInventory, open_inventory
 from gpud.gpu.scheduler import Lease, ReleaseObserver, Scheduler
@@ -88,6 +89,9 @@ class Services:
         """Prepare directories, install the worker SDK, open the records, clean the model cache's leftovers,
         reconcile with what survived the last exit (before anything is leased), start background loops."""
         await asyncio.get_running_loop().run_in_executor(None, _prepare_state_dir, self.settings.state_dir)
+        # Drains from before the restart hold before anything is leased (restore, reconcile, serving); from here
+        # on each drain change rewrites the file. A few hundred bytes, read once: on the loop, nothing else runs yet.
+        restore_drains(DrainFile(self.settings.state_dir), self.inventory, self.scheduler)
         await asyncio.get_running_loop().run_in_executor(None, self.journal.open, self.settings.state_dir)
         if self.settings.runtime == "process":  # the example workers, where the packaged presets find them
             await asyncio.to_thread(prepare_process_host, self.settings.state_dir, self.settings.model_cache_dir)

@@ -31,6 +31,19 @@ class Lease:
 ReleaseObserver = Callable[[Lease, float], None]
 
 
+@dataclass(frozen=True)
+class Drain:
+    """A GPU that takes no new leases, why, and whether gpud drained it for a hardware fault (mark_unhealthy)."""
+
+    gpu: Gpu
+    reason: str
+    unhealthy: bool
+
+
+# Told every drain in force after each change of one (drain, undrain, mark_unhealthy): rare, never while leasing.
+DrainObserver = Callable[[list[Drain]], None]
+
+
 class Scheduler:
     """Hands out GPUs by difficulty tag; a low task never lands on a high GPU and vice versa."""
 
@@ -46,6 +59,7 @@ class Scheduler:
         self._unhealthy: set[int] = set()  # auto-drained for a hardware fault (see mark_unhealthy())
         self._withheld: str | None = None  # why no new lease is granted now (see withhold())
         self._reserved: dict[int, str] = {}  # GPU -> the only holder that may lease it next (see reserve())
+        self._on_drains: DrainObserver | None = None  # see watch_drains()
 
     def acquire(self, difficulty: str, holder: str, kind: str, model: str = "") -> Lease:
         """Lease the lowest-numbered free, undrained GPU tagged `difficulty`, or raise Unavailable."""
@@ -143,23 +157,50 @@ class Scheduler:
     def drain(self, index: int, reason: str = "operator") -> None:
         """Take no new leases on a GPU; work already on it finishes. An unhealthy GPU keeps its health reason."""
         self._require(index)
+        before = self._drain_state(index)
         self._drained.add(index)
         if index not in self._unhealthy:
             self._drain_reasons[index] = reason
+        self._drains_changed(index, before)
 
     def mark_unhealthy(self, index: int, reason: str) -> None:
         """Auto-drain a GPU for a hardware fault (e.g. `xid 79`): no new leases until an operator undrains it."""
         self._require(index)
+        before = self._drain_state(index)
         self._drained.add(index)
         self._unhealthy.add(index)
         self._drain_reasons[index] = reason
+        self._drains_changed(index, before)
 
     def undrain(self, index: int) -> None:
         """Let a drained GPU take leases again; clears an unhealthy mark too (the operator has dealt with it)."""
         self._require(index)
+        before = self._drain_state(index)
         self._drained.discard(index)
         self._unhealthy.discard(index)
         self._drain_reasons.pop(index, None)
+        self._drains_changed(index, before)
+
+    def drains(self) -> list[Drain]:
+        """Every drained GPU, by index, with its reason and whether it is unhealthy."""
+        return [
+            Drain(gpu, self._drain_reasons.get(gpu.index, "operator"), gpu.index in self._unhealthy)
+            for gpu in self._inventory.gpus
+            if gpu.index in self._drained
+        ]
+
+    def watch_drains(self, observer: DrainObserver | None) -> None:
+        """Tell `observer` every drain in force after each change (the composition root saves them, so they
+        outlive a restart); None stops telling."""
+        self._on_drains = observer
+
+    def _drain_state(self, index: int) -> tuple[bool, str | None, bool]:
+        return index in self._drained, self._drain_reasons.get(index), index in self._unhealthy
+
+    def _drains_changed(self, index: int, before: tuple[bool, str | None, bool]) -> None:
+        # Only a real change is told: draining a drained GPU again writes nothing.
+        if self._on_drains is not None and self._drain_state(index) != before:
+            self._on_drains(self.drains())
 
     def drain_reason(self, index: int) -> str | None:
         """Why a GPU is drained (`operator`, or the fault that auto-drained it); None when it is not."""

@@ -3,18 +3,25 @@ through a control file. An XID on GPU 0 and uncorrectable ECC errors on GPU 2 au
 /health (degraded), /api/gpus, `gpuctl gpus`, a warning log line and the metrics; no new lease lands on them (the
 other GPU of the tier takes the work, or 503 when there is none) until an operator undrains them; a lease already
 running is not stopped; a new fatal XID after the undrain drains again.
+
+Drains outlive gpud (gpud/gpu/drains.py): an operator's drain and an auto-drain hold after a clean restart and after
+kill -9 until undrained, and a hostile or odd drains file neither stops gpud nor is written through.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+import os
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gpud.gpu.drains import DRAINS_FILE
 from tests.daemonproc import REPO
 from tests.integration.gpuctl_env import MODEL_ID, GpudHost, run_gpuctl, start_host
 from tests.waiting import wait_for
@@ -30,10 +37,9 @@ def control(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def host(control: Path) -> Iterator[GpudHost]:
+def nvml_host(control: Path, **env: str) -> GpudHost:
     """gpud on the NVML backend with three stand-in GPUs: 0 and 1 tagged low, 2 (the only one) high."""
-    started = start_host(
+    return start_host(
         {
             "PYTHONPATH": str(REPO / "tests" / "nvml_shim"),
             "GPUD_TEST_NVML_COUNT": "3",
@@ -42,8 +48,24 @@ def host(control: Path) -> Iterator[GpudHost]:
             "GPU_DEVICE_IDS": "",  # every GPU NVML sees
             "GPU_DEVICE_DIFFICULTY": "0:low,1:low,2:high",
             "GPU_METRICS_REFRESH_INTERVAL": "0.1",
+            **env,
         }
     )
+
+
+@pytest.fixture
+def host(control: Path) -> Iterator[GpudHost]:
+    """The three stand-in GPUs."""
+    started = nvml_host(control)
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def strict_host(control: Path) -> Iterator[GpudHost]:
+    """The same, but new work never ends an idle session for its GPU: with GPU 0 held by a session, tier low has
+    only GPU 1 to give, so where a task lands (or its 503) shows whether GPU 1 is drained."""
+    started = nvml_host(control, GPUD_SESSION_EVICT_IDLE="false")
     yield started
     started.close()
 
@@ -178,3 +200,164 @@ def test_fatal_xid_and_uncorrectable_ecc_auto_drain_until_undrained(host: GpudHo
     assert metric(host, "gpud_gpu_auto_drains_total", reason="xid") == 2
     status, events = submit(host, "low")
     assert status == 200 and gpu_of(host, events) == 1
+
+
+# ---- drains across restarts -----------------------------------------------------------------------------------------
+
+
+def restart(host: GpudHost, kill: bool = False, meanwhile: Callable[[], None] | None = None) -> None:
+    """Stop gpud (SIGTERM and its clean shutdown, or SIGKILL: none at all), run `meanwhile`, and start it again on
+    the same state dir, port and admin socket; returns once it says READY=1. Each run logs to its own file."""
+    daemon = host.daemon
+    daemon.signal(signal.SIGKILL if kill else signal.SIGTERM)
+    assert daemon.wait(30) == (-signal.SIGKILL if kill else 0), daemon.log
+    if meanwhile is not None:
+        meanwhile()
+    runs = len(list(daemon.tmp.glob(f"gpud-{daemon.port}*.log")))
+    daemon.stderr_path = daemon.tmp / f"gpud-{daemon.port}-run{runs + 1}.log"
+    daemon.messages.clear()  # the READY=1 of the run before
+    daemon.start()
+
+
+def drains_file(host: GpudHost) -> Path:
+    return host.base / "state" / DRAINS_FILE
+
+
+def saved_drains(host: GpudHost) -> list[dict[str, Any]]:
+    return list(json.loads(drains_file(host).read_text())["drains"])
+
+
+def hold_gpu_0(host: GpudHost) -> str:
+    """Open a session of tier low (it takes GPU 0, the lowest free) and leave it idle, holding GPU 0; its id."""
+    status, events = submit(host, "low", task_type="session", task_preset="stream", metadata={"max_tokens": 2})
+    assert status == 200 and gpu_of(host, events) == 0
+    return str(next(data["session_id"] for _kind, data in events if data.get("session_id")))
+
+
+def end_session(host: GpudHost, session_id: str) -> None:
+    status, _ = host.daemon.request("DELETE", f"/api/sessions/{session_id}", admin=True)
+    assert status in (200, 202, 204)
+    wait_for(lambda: not gpus(host)[0]["leased"], "the session's lease released")
+
+
+def test_an_operator_drain_survives_restart_and_kill_9_until_undrained(strict_host: GpudHost) -> None:
+    host = strict_host
+    drained = run_gpuctl(host.socket, ["gpu", "drain", "1"])
+    assert drained.returncode == 0, drained.stderr
+    # Written before the admin call answered: a kill -9 right after cannot lose it.
+    assert saved_drains(host) == [{"uuid": "GPU-0000-1", "index": 1, "reason": "operator", "unhealthy": False}]
+    assert oct(drains_file(host).stat().st_mode & 0o777) == "0o600"
+
+    for kill in (False, True):
+        restart(host, kill=kill)
+        one = gpus(host)[1]
+        assert (one["drained"], one["drain_reason"], one["healthy"]) == (True, "operator", True), one
+        assert "GPU 1 (GPU-0000-1) stays drained from before the restart: operator" in host.daemon.log
+        assert "drained" in run_gpuctl(host.socket, ["gpus"]).stdout.splitlines()[2]
+        assert metric(host, "gpud_gpu_drained", gpu="1") == 1
+        # GPU 0 held by an idle session: tier low's other GPU is drained, so a new low task is refused (503),
+        # not put on GPU 1.
+        session_id = hold_gpu_0(host)
+        status, refused = submit(host, "low")
+        assert status == 503 and refused["error"]["code"] == "no_gpu_available", refused
+        end_session(host, session_id)
+
+    undrained = run_gpuctl(host.socket, ["gpu", "undrain", "1"])
+    assert undrained.returncode == 0, undrained.stderr
+    assert saved_drains(host) == []
+    restart(host)
+    assert not gpus(host)[1]["drained"] and "stays drained" not in host.daemon.log
+    session_id = hold_gpu_0(host)
+    status, events = submit(host, "low")
+    assert status == 200 and gpu_of(host, events) == 1
+    end_session(host, session_id)
+
+
+def test_an_auto_drain_for_xid_79_survives_restart_and_kill_9(strict_host: GpudHost, control: Path) -> None:
+    host = strict_host
+    hardware(control, "xid 0 79")
+    wait_for(lambda: gpus(host)[0]["drain_reason"] == "xid 79", "GPU 0 auto-drained for XID 79", timeout=20)
+    assert saved_drains(host) == [{"uuid": "GPU-0000-0", "index": 0, "reason": "xid 79", "unhealthy": True}]
+    # The next gpud's NVML stand-in starts from healthy GPUs (NVML does not replay an XID): only the file remembers.
+    control.write_text("")
+
+    for kill in (True, False):
+        restart(host, kill=kill)
+        status, health = host.daemon.request("GET", "/health")
+        assert status == 503 and health["status"] == "degraded", health
+        assert "GPU 0 unhealthy: xid 79 (drained until undrained)" in health["reasons"]
+        zero = health["gpus"][0]
+        assert (zero["healthy"], zero["drained"], zero["drain_reason"]) == (False, True, "xid 79"), zero
+        assert zero["xid_errors"] == 0  # this gpud saw no XID: the drain came from the file
+        listed = gpus(host)[0]
+        assert (listed["healthy"], listed["drained"], listed["drain_reason"]) == (False, True, "xid 79"), listed
+        row = run_gpuctl(host.socket, ["gpus"]).stdout.splitlines()[1]
+        assert "unhealthy" in row and "drained: xid 79" in row, row
+        assert metric(host, "gpud_gpu_healthy", gpu="0") == 0 and metric(host, "gpud_gpu_drained", gpu="0") == 1
+        assert metric(host, "gpud_gpu_auto_drains_total", reason="xid") == 0  # faults seen by this gpud only
+        for _ in range(2):
+            status, events = submit(host, "low")
+            assert status == 200 and gpu_of(host, events) == 1
+
+    status, body = host.daemon.request("POST", "/api/gpus/0/undrain", admin=True)
+    assert status == 200 and body["healthy"] and not body["drained"]
+    restart(host)
+    status, health = host.daemon.request("GET", "/health")
+    assert status == 200 and health["status"] == "ok", health
+    status, events = submit(host, "low")
+    assert status == 200 and gpu_of(host, events) == 0
+
+
+def test_an_odd_drains_file_neither_stops_gpud_nor_is_written_through(strict_host: GpudHost) -> None:
+    """Reading refuses what gpud did not write itself: a symlink (not followed: O_NOFOLLOW), anything but a regular
+    file (a FIFO cannot hang the start: O_NONBLOCK), a file not owned by gpud's user or writable by others, one
+    over 64 KiB (at most 64 KiB + 1 byte is read), and a document that does not parse. Each is a warning naming the
+    path; gpud starts without those drains. Writing renames a new file over the name: a symlink there is replaced."""
+    host = strict_host
+    path = drains_file(host)
+    passwd = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()
+    document = json.dumps(
+        {"version": 1, "drains": [{"uuid": "GPU-0000-1", "index": 1, "reason": "operator", "unhealthy": False}]}
+    )
+
+    def garbage() -> None:
+        path.write_text('{"version": 1, "drains": [{"uuid": "GPU-0000-1", "ind\x00')
+
+    def symlink() -> None:
+        path.symlink_to("/etc/passwd")
+
+    def fifo() -> None:
+        os.mkfifo(path, 0o600)
+
+    def someone_elses() -> None:
+        path.write_text(document)  # would drain GPU 1, if trusted
+        os.chown(path, 65534, 65534)
+
+    def huge() -> None:
+        with path.open("wb") as file:
+            file.write(document.encode())
+            file.truncate(2 * 1024**3)  # sparse: costs no disk; gpud must not read 2 GiB
+
+    for plant, why in [
+        (garbage, "Invalid control character"),
+        (symlink, "a symbolic link (not followed)"),
+        (fifo, "not a regular file"),
+        (someone_elses, "owned by uid 65534"),
+        (huge, "larger than 65536 bytes"),
+    ]:
+        path.unlink(missing_ok=True)  # the last case's file (gpud has it open no more: it read it once at start)
+        restart(host, kill=True, meanwhile=plant)
+        warning = next(line for line in host.daemon.log.splitlines() if "ignoring the saved GPU drains" in line)
+        assert "WARNING" in warning and str(path) in warning and why in warning, warning
+        assert not any(g["drained"] for g in gpus(host).values())
+        status, health = host.daemon.request("GET", "/health")
+        assert status == 200 and health["status"] == "ok", health
+
+        if plant is symlink:  # the next drain replaces the link with gpud's own file; /etc/passwd is untouched
+            status, _ = host.daemon.request("POST", "/api/gpus/1/drain", admin=True)
+            assert status == 200
+            assert not path.is_symlink() and path.stat().st_uid == os.geteuid()
+            assert saved_drains(host)[0]["uuid"] == "GPU-0000-1"
+            assert hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest() == passwd
+            status, _ = host.daemon.request("POST", "/api/gpus/1/undrain", admin=True)
+            assert status == 200 and saved_drains(host) == []
