@@ -2,11 +2,13 @@
 that forwards it, interleaved in one run (a real three-member etcd cluster, two real gpud hosts, process runtime).
 
 Run: .venv/bin/python bench/bench_fleet.py [rounds]. Prints, per measure, the median direct and forwarded figures
-and their ratio. Goals: dispatch latency forwarded/direct <= 1.2; streaming throughput forwarded/direct >= 0.9.
+and their ratio, then the BENCH-RESULT line bench/run reads (rows fleet_dispatch, fleet_live, fleet_replay and the
+detail row fleet_get: "gpud" is the forwarded figure, "baseline" the direct one). Goals: dispatch latency
+forwarded/direct <= 1.2; streaming throughput forwarded/direct >= 0.9, live and replayed.
 - dispatch: POST /api/tasks/submit of a 1-token task to the session, until the first SSE event arrives
 - get: GET /api/sessions/<id> (a JSON answer), whole round trip
-- live stream: a 20000-token task streamed as the worker produces it (MB/s of SSE received)
-- replay stream: the finished task's events replayed from memory (MB/s; the proxy's own ceiling)
+- live stream: a 20000-token task streamed as the worker produces it (MB/s of SSE received; every 5th round)
+- replay stream: the last such task's events replayed from memory (MB/s; the proxy's own ceiling; every round)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import emit  # noqa: E402
 from tests.fleet.etcdcluster import EtcdCluster  # noqa: E402
 from tests.fleet.fleethosts import API_KEY, Fleet, session_body, session_of  # noqa: E402
 
@@ -84,10 +87,22 @@ async def measure(owner: str, proxy: str, session_id: str, rounds: int) -> dict[
                     body = session_body(session_id=session_id, max_tokens=STREAM_TOKENS)
                     rate, last_task = await stream(client, url, "/api/tasks/submit", body)
                     results["live"][slot].append(rate)
-                for slot, url in order:
-                    rate, _ = await stream(client, url, f"/api/tasks/{last_task}/events", None)
-                    results["replay"][slot].append(rate)
+            for slot, url in order:  # cheap (a few ms): every round, for a steadier median
+                rate, _ = await stream(client, url, f"/api/tasks/{last_task}/events", None)
+                results["replay"][slot].append(rate)
     return results
+
+
+def rows(results: dict[str, tuple[list[float], list[float]]]) -> dict[str, dict[str, object]]:
+    """The BENCH-RESULT rows: forwarded ("gpud") against direct ("baseline"), medians, in ms or MB/s."""
+    out: dict[str, dict[str, object]] = {}
+    for name, (direct, forwarded) in results.items():
+        d, f = statistics.median(direct), statistics.median(forwarded)
+        if name in ("dispatch", "get"):
+            out[f"fleet_{name}"] = {"gpud": f * 1000, "baseline": d * 1000, "unit": "ms", "samples": len(direct)}
+        else:
+            out[f"fleet_{name}"] = {"gpud": f / 1e6, "baseline": d / 1e6, "unit": "MB/s", "samples": len(direct)}
+    return out
 
 
 def report(results: dict[str, tuple[list[float], list[float]]]) -> None:
@@ -118,6 +133,7 @@ def main() -> None:
         results = asyncio.run(measure(owner, proxy, session_id, rounds))
         print(f"fleet forwarding, {rounds} rounds, session on a, forwarded through b (loopback)")
         report(results)
+        emit("fleet", rows(results))
     finally:
         fleet.close()
         etcd.stop()

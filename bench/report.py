@@ -39,6 +39,12 @@ ROWS = (
     Row("fanin_p99", "fan-in: 200 SSE clients on sessions on 2 GPUs, worker output to client, p99",
         "bare aiohttp fan-out (context only)", "< 50 ms", "abs_max", 50.0),
     Row("fanin_rss", "fan-in: daemon RSS, max while streaming", "-", "< 200 MB", "abs_max", 200.0),
+    Row("fleet_dispatch", "fleet: session task forwarded through another host, submit to first event",
+        "the same request sent to the owner", "<= 1.2x", "ratio_max", 1.2),
+    Row("fleet_live", "fleet: live event stream forwarded (20000 tokens, MB/s)", "the same stream from the owner",
+        ">= 0.9x", "ratio_min", 0.9),
+    Row("fleet_replay", "fleet: replayed event stream forwarded (MB/s)", "the same replay from the owner",
+        ">= 0.9x", "ratio_min", 0.9),
 )  # fmt: skip
 
 # Detail rows: no goal of their own, printed under the table for context.
@@ -51,6 +57,8 @@ DETAILS = (
     Row("sse_live", "SSE writer alone, live log (in-process)", "bare aiohttp SSE writer", "-", "ratio_min", None),
     Row("sse_replay_cold", "SSE writer alone, replay of a finished log", "bare aiohttp SSE writer", "-", "ratio_min",
         None),
+    Row("fleet_get", "fleet: GET /api/sessions/<id> forwarded, round trip", "the same GET to the owner", "-",
+        "ratio_max", None),
 )  # fmt: skip
 
 
@@ -64,7 +72,7 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:.3f} s"
     if unit == "us":
         return f"{value:.0f} us"
-    if unit in ("ms", "MB"):
+    if unit in ("ms", "MB", "MB/s"):
         return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
     return f"{value:.0f} {unit}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -12,6 +13,11 @@ from gpud.api import keys
 from gpud.gpu.inventory import Gpu, GpuInventory
 from gpud.gpu.scheduler import Scheduler
 from gpud.runtime.base import EngineHealth
+
+# Fleet mode's part of the report and why the host is degraded (None: it is not); absent on a single host.
+FleetHealth = Callable[[], tuple[dict[str, Any], str | None]]
+# Set by gpud/api/fleet.py in fleet mode only: health never imports the fleet code.
+FLEET_HEALTH: web.AppKey[FleetHealth] = web.AppKey("fleet_health")
 
 
 def gpu_report(inventory: GpuInventory, scheduler: Scheduler, gpu: Gpu, holders: bool = True) -> dict[str, Any]:
@@ -74,7 +80,11 @@ def health_report(app: web.Application, engine: EngineHealth) -> dict[str, Any]:
         reasons.append(f"{engine.runtime} engine unreachable: {engine.detail}")
     if engine.degraded:
         reasons.append(engine.degraded)
-    return {
+    fleet = app.get(FLEET_HEALTH)
+    fleet_part, fleet_reason = fleet() if fleet is not None else (None, None)
+    if fleet_reason:
+        reasons.append(fleet_reason)
+    report = {
         "status": "degraded" if reasons else "ok",
         "reasons": reasons,
         "version": __version__,
@@ -92,3 +102,6 @@ def health_report(app: web.Application, engine: EngineHealth) -> dict[str, Any]:
         "active_tasks": len(app[keys.TASKS].registry.active()),
         "active_sessions": len(app[keys.SESSIONS].registry.live()),
     }
+    if fleet_part is not None:
+        report["fleet"] = fleet_part
+    return report

@@ -82,6 +82,19 @@ def prefix_end(prefix: str) -> str:
     return (raw[:-1] + bytes([raw[-1] + 1])).decode()
 
 
+def put_op(key: str, value: bytes | str, lease: int = 0) -> dict[str, Any]:
+    """One put of a txn."""
+    put: dict[str, Any] = {"key": b64(key), "value": b64(value)}
+    if lease:
+        put["lease"] = str(lease)
+    return {"request_put": put}
+
+
+def delete_op(key: str) -> dict[str, Any]:
+    """One delete of a txn."""
+    return {"request_delete_range": {"key": b64(key)}}
+
+
 def _kv(data: dict[str, Any]) -> KeyValue:
     return KeyValue(
         key=base64.b64decode(data.get("key", "")).decode(errors="replace"),
@@ -180,11 +193,17 @@ class EtcdClient:
         data = await self.call("/v3/kv/put", body)
         return int(data.get("header", {}).get("revision", 0))
 
-    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
-        """Every key under a prefix, and the revision they were read at."""
-        data = await self.call("/v3/kv/range", {"key": b64(prefix), "range_end": b64(prefix_end(prefix))})
+    async def get_prefix(self, prefix: str, range_end: str | None = None) -> tuple[list[KeyValue], int]:
+        """Every key under a prefix (or from `prefix` up to `range_end`), and the revision they were read at."""
+        end = range_end or prefix_end(prefix)
+        data = await self.call("/v3/kv/range", {"key": b64(prefix), "range_end": b64(end)})
         kvs = [_kv(item) for item in data.get("kvs", [])]
         return kvs, int(data.get("header", {}).get("revision", 0))
+
+    async def txn(self, ops: Sequence[dict[str, Any]]) -> None:
+        """Several puts and deletes (put_op, delete_op) applied at once, atomically, in one call."""
+        if ops:
+            await self.call("/v3/kv/txn", {"success": list(ops)})
 
     async def get(self, key: str) -> KeyValue | None:
         """One key, or None."""
@@ -212,13 +231,13 @@ class EtcdClient:
         with contextlib.suppress(EtcdError):  # already expired: nothing left to remove
             await self.call("/v3/lease/revoke", {"ID": str(lease)})
 
-    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
-        """Events under `prefix` from `start_revision`, as they happen, until the stream breaks (then the caller
-        lists again and watches from the new revision). Raises EtcdUnavailable, or EtcdError when cancelled
-        (e.g. the revision was compacted)."""
+    async def watch(self, prefix: str, start_revision: int, range_end: str | None = None) -> AsyncIterator[WatchEvent]:
+        """Events under `prefix` (or up to `range_end`) from `start_revision`, as they happen, until the stream
+        breaks (then the caller lists again and watches from the new revision). Raises EtcdUnavailable, or
+        EtcdError when cancelled (e.g. the revision was compacted)."""
         create = {
             "key": b64(prefix),
-            "range_end": b64(prefix_end(prefix)),
+            "range_end": b64(range_end or prefix_end(prefix)),
             "start_revision": str(start_revision),
             "prev_kv": True,
         }

@@ -18,6 +18,9 @@ class FleetMetrics:
             ["result"],
             registry=registry,
         )
+        # The label children, looked up once (labels() on every forwarded request is measurable).
+        self.forwarded_ok = self.forwarded.labels("ok")
+        self.forwarded_unavailable = self.forwarded.labels("unavailable")
         self.forward_duration = Histogram(
             "gpud_fleet_forward_duration_seconds",
             "Time from forwarding a request to the owner's response head",

@@ -1,27 +1,27 @@
 """The Fleet service: registration, the watched view, where a session or task lives, where new work may go.
 
 Built by the composition root only when GPUD_ETCD_ENDPOINTS is set; the API's fleet middleware asks it where a
-request belongs (gpud/api/fleet.py) and forwards with its HTTP client.
+request belongs (gpud/api/fleet.py) and forwards on its pooled connections (gpud/fleet/upstream.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import socket
-import time
 from dataclasses import dataclass
 from typing import Any
-
-import aiohttp
+from urllib.parse import urlsplit
 
 from gpud import __version__
 from gpud.errors import ConfigError
 from gpud.fleet.etcd import EtcdClient, EtcdError, EtcdOptions, EtcdUnavailable, sleep_or_stop
 from gpud.fleet.metrics import FleetMetrics
-from gpud.fleet.registration import RETRY_INTERVAL, LocalState, Registrar
-from gpud.fleet.view import PREFIX, FleetView, GpuState, HostRecord
+from gpud.fleet.registration import RETRY_INTERVAL, LocalState, Registrar, record_key
+from gpud.fleet.upstream import UpstreamPool
+from gpud.fleet.view import HOSTS, PREFIX, WATCH_END, FleetView, GpuState, HostRecord
 from gpud.gpu.inventory import GpuInventory
 from gpud.gpu.scheduler import Scheduler
 from gpud.metrics import Metrics
@@ -31,9 +31,13 @@ from gpud.work.service import TaskService
 logger = logging.getLogger(__name__)
 
 _HOST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-# How long a request for an id nobody claims waits for the claim to arrive (its owner publishes within ~50 ms of
-# creating it; a client may use the id on another host sooner than that).
-CLAIM_WAIT_SECONDS = 0.5
+# How long connecting to another host for a forwarded request may take before it counts as not answering.
+CONNECT_TIMEOUT_SECONDS = 3.0
+# An id with neither a claim in the view nor an owner record in etcd may have been created on another host a moment
+# ago: its owner publishes new ids every SYNC_INTERVAL (50 ms) in one etcd write, while the client may learn the id
+# from the first event of the submission's stream and use it on another host a few ms later. This is how long such
+# an id waits for its claim to arrive through the watch before this host answers 404 itself (3 sync intervals).
+CLAIM_GRACE_SECONDS = 0.15
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,11 @@ class Route:
     where: str
     host: str | None = None
     url: str | None = None
+
+    @property
+    def netloc(self) -> str:
+        """host:port of `url` (the Host header of a forwarded request)."""
+        return urlsplit(self.url or "").netloc
 
 
 LOCAL = Route("local")
@@ -57,6 +66,7 @@ class FleetConfig:
     key: str
     ttl: int
     etcd: EtcdOptions
+    record_ttl: int = 86400
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FleetConfig:
@@ -69,6 +79,12 @@ class FleetConfig:
             problems.append("fleet_key: required in fleet mode (GPUD_FLEET_KEY or GPUD_FLEET_KEY_FILE)")
         if settings.etcd_cert_file and not settings.etcd_key_file:
             problems.append("etcd_key_file: required with etcd_cert_file")
+        for name in ("etcd_ca_file", "etcd_cert_file", "etcd_key_file"):
+            file = getattr(settings, name)
+            if file is not None and not os.access(file, os.R_OK):
+                problems.append(f"{name}: {file} is not a readable file")
+        if settings.etcd_username and settings.etcd_password is None:
+            problems.append("etcd_password: required with etcd_username (GPUD_ETCD_PASSWORD or _FILE)")
         if problems:
             raise ConfigError(problems)
         host, port = settings.http_listen
@@ -81,7 +97,14 @@ class FleetConfig:
             username=settings.etcd_username,
             password=settings.etcd_password,
         )
-        return cls(host_id, url, settings.fleet_key or "", settings.etcd_lease_ttl_seconds, options)
+        return cls(
+            host_id,
+            url,
+            settings.fleet_key or "",
+            settings.etcd_lease_ttl_seconds,
+            options,
+            settings.fleet_record_ttl_seconds,
+        )
 
 
 class Fleet:
@@ -102,10 +125,12 @@ class Fleet:
         self._tasks = tasks
         self.client = EtcdClient(config.etcd)
         self.view = FleetView()
-        self.registrar = Registrar(self.client, config.host_id, config.url, __version__, config.ttl, self.local_state)
+        self.registrar = Registrar(
+            self.client, config.host_id, config.url, __version__, config.ttl, self.local_state, config.record_ttl
+        )
         self.metrics = FleetMetrics(metrics.registry, lambda: float(len(self.view.hosts)))
         self.watch_error: str | None = "not listed yet"
-        self._http: aiohttp.ClientSession | None = None
+        self.upstream = UpstreamPool(CONNECT_TIMEOUT_SECONDS)
         self._loops: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
@@ -149,20 +174,19 @@ class Fleet:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         await self.client.close()
-        if self._http is not None:
-            await self._http.close()
+        self.upstream.close()
 
     async def _watch_forever(self) -> None:
         """List /gpud/, then follow the watch from that revision; after an error list again (a fresh view)."""
         while not self._stop.is_set():
             try:
-                kvs, revision = await self.client.get_prefix(PREFIX)
+                kvs, revision = await self.client.get_prefix(PREFIX, WATCH_END)
                 self.view.load(kvs, revision)
                 self.watch_error = None
-                async for event in self.client.watch(PREFIX, revision + 1):
+                async for event in self.client.watch(PREFIX, revision + 1, WATCH_END):
                     self.view.apply(event)
             except (EtcdUnavailable, EtcdError) as exc:
-                if self.watch_error is None:
+                if str(exc) != self.watch_error:
                     logger.warning("fleet: watch of %s failed (listing again): %s", PREFIX, exc)
                 self.watch_error = str(exc)
             if await sleep_or_stop(self._stop, RETRY_INTERVAL if self.watch_error else 0.0):
@@ -172,14 +196,6 @@ class Fleet:
         """Why this host is not a full fleet member now (etcd unreachable), or None."""
         problem = self.registrar.error or self.watch_error
         return f"etcd_unreachable: {problem}" if problem else None
-
-    @property
-    def http(self) -> aiohttp.ClientSession:
-        """The HTTP client for requests forwarded to other hosts (kept-alive connections)."""
-        if self._http is None:
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
-            self._http = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        return self._http
 
     def route(self, kind: str, item: str) -> Route:
         """Where a request for session/task `item` (not found here) goes, from the view."""
@@ -193,17 +209,43 @@ class Fleet:
         return Route("lost", host)
 
     async def locate(self, kind: str, item: str) -> Route:
-        """route(), waiting briefly for a claim this host has not seen yet (a just-created session)."""
+        """route(); for an id this host's view does not know, its durable owner record, read from etcd (one
+        linearizable read, no waiting): its owner when the record names one, LOCAL (this host's own 404) when
+        none does or etcd does not answer."""
         found = self.route(kind, item)
         if found is not LOCAL or self.degraded() is not None:
             return found
-        deadline = time.monotonic() + CLAIM_WAIT_SECONDS
-        while time.monotonic() < deadline:
+        try:
+            record = await self.client.get(record_key(kind, item))
+            owner = record.value.decode(errors="replace") if record is not None else None
+            if owner is None:
+                return await self._claim_arriving(kind, item)
+            if owner == self.host_id:
+                return LOCAL
+            host = self.view.hosts.get(owner)
+            if host is None:  # gone, or joined after this host's view was last updated: ask etcd too
+                found_host = await self.client.get(HOSTS + owner)
+                host = HostRecord.parse(owner, found_host.value) if found_host is not None else None
+        except (EtcdUnavailable, EtcdError, ValueError, KeyError, TypeError) as exc:
+            logger.debug("fleet: could not read the owner record of %s %s: %s", kind, item, exc)
+            return LOCAL
+        return Route("remote", owner, host.url) if host is not None else Route("lost", owner)
+
+    async def _claim_arriving(self, kind: str, item: str) -> Route:
+        """route() once the claim of a just-created id arrives through the watch; LOCAL after CLAIM_GRACE_SECONDS."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLAIM_GRACE_SECONDS
+        while loop.time() < deadline:
             await asyncio.sleep(0.01)
             found = self.route(kind, item)
             if found is not LOCAL:
                 return found
         return LOCAL
+
+    def health(self) -> tuple[dict[str, Any], str | None]:
+        """/health's fleet part, and why this host is degraded (etcd unreachable), or None."""
+        reason = self.degraded()
+        return {"host_id": self.host_id, "hosts": len(self.view.hosts), "reason": reason}, reason
 
     def spill_targets(self, tier: str) -> list[HostRecord]:
         """Other hosts with a free, healthy, undrained GPU of `tier`, best first."""

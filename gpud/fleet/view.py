@@ -4,6 +4,8 @@ Built from one listing of `/gpud/` and kept current by the watch's events. Plain
 Keys: `/gpud/hosts/<host>` (a JSON host record), `/gpud/sessions/<id>` and `/gpud/tasks/<id>` (the owner's host
 id), all under the owner's lease, so a host's death removes all of them. A removed claim leaves a tombstone (its
 last owner): a request for it then goes to that owner while it lives, and is 410 `host_lost` once it is gone.
+The durable owner records (`/gpud/~records/...`, gpud/fleet/registration.py) sort after every watched key and
+are left out of the listing and the watch: they are read one at a time, for an id this view does not know.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ logger = logging.getLogger(__name__)
 PREFIX = "/gpud/"
 HOSTS = PREFIX + "hosts/"
 KINDS = ("sessions", "tasks")
+# Durable owner records: `~records/<kind>/<id>` = owner host id, under the owner's long records lease, and
+# `~record-leases/<host>` = that lease's id (so a host restarting with the same id finds and ends the old one).
+RECORDS = PREFIX + "~records/"
+RECORD_LEASES = PREFIX + "~record-leases/"
+# The end of the range the view lists and watches: every key under PREFIX before "~" (no record).
+WATCH_END = PREFIX + "~"
 # Tombstones kept (oldest dropped first): enough for a day of a busy host's ids, a few MB.
 MAX_TOMBSTONES = 100_000
 

@@ -305,6 +305,11 @@ class Settings:
         5, env="GPUD_ETCD_LEASE_TTL_SECONDS", parse=p.positive_int,
         help="a host that stops renewing its etcd lease this long is gone: its sessions answer 410",
     )  # fmt: skip
+    fleet_record_ttl_seconds: int = setting(
+        86400, env="GPUD_FLEET_RECORD_TTL_SECONDS", parse=p.positive_int,
+        help="how long after a host is gone any host (even one that joined later) still answers 410 host_lost, "
+        "not 404, for its sessions and tasks (their durable owner records live this long)",
+    )  # fmt: skip
     etcd_ca_file: Path | None = setting(
         env="GPUD_ETCD_CA_FILE", parse=p.optional_path, shown="none", help="CA bundle for https etcd endpoints"
     )

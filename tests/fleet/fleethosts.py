@@ -56,6 +56,7 @@ class Fleet:
 
     etcd: EtcdCluster
     hosts: dict[str, GpudHost] = field(default_factory=dict)
+    killed: set[str] = field(default_factory=set)
 
     def env(self, name: str) -> dict[str, str]:
         """A host's fleet settings."""
@@ -69,11 +70,20 @@ class Fleet:
             "GPUD_SESSION_EVICT_IDLE": "false",
         }
 
-    def start(self, *names: str) -> None:
-        """Start hosts and wait until every one sees all of them."""
+    def start(self, *names: str, env: dict[str, str] | None = None) -> None:
+        """Start hosts (`env` added to their settings) and wait until every one sees all of them."""
         for name in names:
-            self.hosts[name] = start_host(self.env(name))
+            self.hosts[name] = start_host({**self.env(name), **(env or {})})
         self.wait_hosts(sorted(self.hosts))
+
+    def join(self, name: str, env: dict[str, str] | None = None) -> None:
+        """Start one more host (or a killed one again, same id, fresh state) and wait until it sees every live one."""
+        if name in self.hosts:
+            self.hosts.pop(name).close()
+        self.killed.discard(name)
+        self.hosts[name] = start_host({**self.env(name), **(env or {})})
+        live = sorted(set(self.hosts) - self.killed)
+        self.wait_hosts(live, on=[name])
 
     def daemon(self, name: str) -> DaemonProcess:
         """A host's gpud process."""
@@ -105,6 +115,7 @@ class Fleet:
         daemon = self.daemon(name)
         daemon.signal(signal.SIGKILL)
         daemon.wait()
+        self.killed.add(name)
 
     def close(self) -> None:
         """Stop every host."""
