@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import platform
+import weakref
 from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -19,6 +21,23 @@ from prometheus_client.registry import Collector
 from gpud import __version__
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+# Each labelled metric's children by label values, looked up before prometheus_client's own labels(), which checks
+# and converts its arguments and takes a lock on every call: several times per task, on the warm path.
+_CHILDREN: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], Any]] = weakref.WeakKeyDictionary()
+
+
+def child(metric: _M, *values: str) -> _M:
+    """metric.labels(*values), remembered (label values are bounded, so the memo is too)."""
+    children = _CHILDREN.get(metric)
+    if children is None:
+        children = _CHILDREN[metric] = {}
+    found = children.get(values)
+    if found is None:
+        found = children[values] = metric.labels(*values)
+    return found
+
 
 # The known values of the bounded labels (as gpud.work and gpud.gpu spell them; this room cannot import them).
 TASK_TYPES = ("session", "oneoff")

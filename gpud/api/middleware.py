@@ -13,6 +13,7 @@ from aiohttp.typedefs import Middleware
 from gpud.api import errors, keys
 from gpud.api.peercred import PeerPolicy, peer_credentials
 from gpud.errors import GpudError
+from gpud.metrics import child
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,9 @@ def metrics_middleware(app_name: str) -> Middleware:
         finally:
             info = request.match_info.route.resource
             route = info.canonical if info is not None else "unmatched"
-            metrics.http_requests.labels(app_name, route, str(status)).inc()
-            metrics.http_latency.labels(app_name, route).observe(time.perf_counter() - started)
+            child(metrics.http_requests, app_name, route, str(status)).inc()
+            child(metrics.http_latency, app_name, route).observe(time.perf_counter() - started)
             if route == SUBMIT_ROUTE and status >= 400:
-                metrics.submissions_refused.labels(str(status)).inc()
+                child(metrics.submissions_refused, str(status)).inc()
 
     return observe

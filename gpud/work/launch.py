@@ -9,7 +9,7 @@ from collections.abc import Callable, Collection
 from gpud.gpu.scheduler import Lease
 from gpud.modelstore import FetchProgress
 from gpud.runtime.base import GpuDevice
-from gpud.work.events import EventType
+from gpud.work.event import EventType
 from gpud.work.task import Task, TaskError
 
 # How long a stopped worker gets between SIGTERM and SIGKILL.

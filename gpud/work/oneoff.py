@@ -25,7 +25,7 @@ from gpud.gpu.scheduler import Lease, Scheduler
 from gpud.modelstore import ModelStore
 from gpud.runtime.base import ContainerNotFound, ContainerRuntime, EngineUnavailable, ExitStatus, Mount, Stream
 from gpud.runtime.spec import build_spec
-from gpud.work.events import EventType
+from gpud.work.event import EventType
 from gpud.work.launch import (
     STOP_GRACE_SECONDS,
     TAIL_LINE_CHARS,

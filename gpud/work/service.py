@@ -16,7 +16,7 @@ from gpud.runtime.base import ContainerRuntime, EngineUnavailable
 from gpud.runtime.instance import health_for_new_work
 from gpud.settings import LiveConfig
 from gpud.work.capacity import Capacity
-from gpud.work.events import EventLimits
+from gpud.work.event import EventLimits
 from gpud.work.journal import Journal
 from gpud.work.oneoff import OneOffRunner
 from gpud.work.registry import TaskRegistry

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpud.metrics import Metrics
+from gpud.metrics import Metrics, child
 from gpud.work.request import TaskType
 from gpud.work.task import Task, TaskStatus
 
@@ -20,19 +20,19 @@ class TaskMetrics:
         """The task started on a worker: its queue wait (submission to now) is known."""
         if task.started_at is not None:
             wait = max(0.0, task.started_at - task.created_at)
-            self._metrics.task_queue_wait.labels(task.request.task_type.value).observe(wait)
+            child(self._metrics.task_queue_wait, task.request.task_type.value).observe(wait)
 
     def first_output(self, task: Task) -> None:
         """The task's first text came."""
         if task.timings.first_output_at is not None:
             seconds = max(0.0, task.timings.first_output_at - task.created_at)
-            self._metrics.task_first_output.labels(task.request.task_type.value).observe(seconds)
+            child(self._metrics.task_first_output, task.request.task_type.value).observe(seconds)
 
     def finished(self, task: Task) -> None:
         """The task ended: its outcome, its duration, and whether its one-off worker crashed."""
         labels = (task.request.task_type.value, task.status.value)
-        self._metrics.tasks_finished.labels(*labels).inc()
-        self._metrics.task_duration.labels(*labels).observe(task.elapsed())
+        child(self._metrics.tasks_finished, *labels).inc()
+        child(self._metrics.task_duration, *labels).observe(task.elapsed())
         if task.request.task_type is TaskType.ONEOFF and oneoff_crashed(task):
             # A session worker's crash is counted by its session (once, however many tasks it fails).
             self._metrics.worker_crashes.labels(TaskType.ONEOFF.value).inc()

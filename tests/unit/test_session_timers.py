@@ -22,7 +22,7 @@ from gpud.modelstore import ModelStore
 from gpud.runtime.process import ProcessRuntime
 from gpud.settings import LiveConfig, load
 from gpud.settings.presets import Limits, Preset, PresetCatalog
-from gpud.work.events import EventType
+from gpud.work.event import EventType
 from gpud.work.request import TaskRequest, TaskType
 from gpud.work.sessions.manager import SessionManager
 from gpud.work.sessions.record import Session, SessionState

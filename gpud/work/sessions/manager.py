@@ -14,7 +14,7 @@ from gpud.metrics import Metrics
 from gpud.modelstore import ModelStore
 from gpud.runtime.base import ContainerRuntime
 from gpud.settings import LiveConfig
-from gpud.work.events import EventType
+from gpud.work.event import EventType
 from gpud.work.launch import image_progress, model_progress
 from gpud.work.removals import PendingRemovals
 from gpud.work.sessions.endings import end_tasks, logged, output_to

@@ -13,7 +13,7 @@ from gpud.clock import Clock, wall_of
 from gpud.errors import Busy, Gone, NotFound
 from gpud.gpu.scheduler import Lease
 from gpud.settings.presets import Preset
-from gpud.work.events import EventType
+from gpud.work.event import EventType
 from gpud.work.task import Task, TaskError, TaskStatus
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from gpud.clock import Clock
-from gpud.work.events import EventType
+from gpud.work.event import EventType
 from gpud.work.launch import TAIL_LINE_CHARS, timeout_error
 from gpud.work.sessions.record import Session
 from gpud.work.sessions.wakeup import Wakeup
