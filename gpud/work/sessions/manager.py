@@ -324,6 +324,9 @@ class SessionManager:
         """Stop the container and release model and GPU first, then finish the session's tasks. Each step runs
         even if one before it fails (or the teardown is cancelled): the tasks always end, the GPU always returns."""
         stuck: list[SessionWorker] | None = None  # workers whose containers the engine did not remove
+        begun = self._begun.pop(session.id, None)
+        if begun is not None:  # started by enqueue, never supervised: the session ended first, and says why
+            begun.abandon()
         try:
             if crash is None and session.state is not SessionState.STOPPING and not session.is_over:
                 with logged(f"session {session.id}: marking it stopping"):
@@ -338,9 +341,6 @@ class SessionManager:
                 end_tasks(session, crash)
             self._lives.pop(session.id, None)
             self._wakeups.pop(session.id, None)
-            begun = self._begun.pop(session.id, None)
-            if begun is not None:  # started by enqueue, never supervised: the session ended first
-                begun.abandon()
 
     # --- helpers ---------------------------------------------------------------------------------------
 
