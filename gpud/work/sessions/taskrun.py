@@ -115,7 +115,8 @@ class TaskRun:
         while not self._done.done():
             self._wake.clear()
             # Looked at before waiting too: a cancel may have come while the task waited for this step.
-            if not (task.cancel_reason and not cancel_sent) and session.stop_reason is None:
+            cancel_pending = bool(task.cancel_reason) and not cancel_sent
+            if not cancel_pending and session.stop_reason is None:
                 waiter = self._wake.future()
                 await self._clock.wait({self._done, waiter}, deadline)
                 waiter.cancel()
