@@ -1,9 +1,13 @@
 """This host's entries in etcd: its record and its claims, all under one lease that it keeps alive.
 
-A loop compares what the host has now (GPU states, the sessions and tasks its registries hold) with what it last
-published, and writes the difference: so a change is published within one SYNC_INTERVAL, and a burst of changes
-is one write per id (the debounce). If etcd stops answering, or the lease expired meanwhile, the host registers
-again from scratch once etcd answers: a new lease, its record and every claim put again.
+Registering puts the record and every claim from a full snapshot of what the host holds. From then on the
+registries tell of each session and task id added or forgotten (gpud/fleet/local.py): the changes pile up in a
+pending set and the sync loop, woken at the first one, publishes the difference at once (new claims in the next
+loop iteration, not the next tick). Changes that arrive while a write is in flight go together in the next one, so
+a burst is one transaction per TXN_IDS ids (the debounce). The record's status (GPU states, live counts) is
+compared every SYNC_INTERVAL: it costs the GPUs and the live work, never the retained ended tasks. If etcd stops
+answering, or the lease expired meanwhile, the host registers again from scratch once etcd answers: a new lease,
+its record and every claim put again, from a new snapshot.
 
 Each claim has a durable twin, its owner record (`/gpud/~records/<kind>/<id>` = host id), written and removed in
 the same transaction but under a second, long lease (GPUD_FLEET_RECORD_TTL_SECONDS, a day by default) renewed
@@ -24,11 +28,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gpud.fleet.etcd import EtcdClient, EtcdError, EtcdUnavailable, delete_op, put_op, sleep_or_stop
-from gpud.fleet.view import HOSTS, KINDS, PREFIX, RECORD_LEASES, RECORDS, GpuState, HostRecord
+from gpud.fleet.local import HostStatus, LocalState
+from gpud.fleet.view import HOSTS, KINDS, PREFIX, RECORD_LEASES, RECORDS, HostRecord
 
 logger = logging.getLogger(__name__)
 
-# How often local state is compared with what was published.
+# How often the record's status (GPU states, live counts) is compared with what was published; new and forgotten
+# ids do not wait for it (they wake the sync loop).
 SYNC_INTERVAL = 0.05
 # How long to wait before trying etcd again after it failed.
 RETRY_INTERVAL = 1.0
@@ -36,17 +42,6 @@ RETRY_INTERVAL = 1.0
 TXN_IDS = 50
 # The records lease is renewed this often at most (and every third of its TTL when that is shorter).
 RECORDS_RENEW_SECONDS = 600.0
-
-
-@dataclass(frozen=True)
-class LocalState:
-    """What this host publishes: GPU states, and the ids of the sessions and tasks it answers for."""
-
-    gpus: tuple[GpuState, ...]
-    sessions: frozenset[str]
-    tasks: frozenset[str]
-    live_sessions: int = 0
-    active_tasks: int = 0
 
 
 @dataclass
@@ -69,6 +64,7 @@ class Registrar:
         version: str,
         ttl: int,
         snapshot: Callable[[], LocalState],
+        status: Callable[[], HostStatus],
         record_ttl: int = 86400,
     ) -> None:
         self._client = client
@@ -78,7 +74,14 @@ class Registrar:
         self._ttl = ttl
         self._record_ttl = record_ttl
         self._snapshot = snapshot
+        self._status = status
         self._published = Published()
+        # Ids added (True) or forgotten (False) since the last write, the last word for each; recorded only while
+        # registered (a registration from scratch starts from a full snapshot anyway).
+        self._pending: dict[str, dict[str, bool]] = {"sessions": {}, "tasks": {}}
+        self._tracking = False
+        self._wake = asyncio.Event()
+        self.snapshots = 0  # full snapshots taken (one per registration)
         self.records_lease = 0  # the long lease of this host's owner records (kept across re-registrations)
         self.error: str | None = "not registered yet"
         self.registered_at: float | None = None
@@ -100,6 +103,8 @@ class Registrar:
                     logger.warning("fleet: etcd unreachable, serving this host's own work: %s", exc)
                 self.error = str(exc)
                 self._published = Published()
+                self._tracking = False
+                self._pending = {"sessions": {}, "tasks": {}}
                 if await sleep_or_stop(self._stop, RETRY_INTERVAL):
                     return
 
@@ -107,7 +112,7 @@ class Registrar:
         lease = await self._client.grant(self._ttl)
         self._published = Published(lease=lease)
         previous = await self._records_lease()
-        await self._sync_once()
+        await self._sync_once(self._take_snapshot())
         if previous:
             # What this host still has was just moved to the new records lease: the old one holds only the
             # records of what it lost (e.g. in a restart), and ending it removes them.
@@ -135,8 +140,30 @@ class Registrar:
             if await self._client.keepalive(self.records_lease) <= 0:
                 raise EtcdError(f"records lease {self.records_lease:x} expired; registering again")
 
+    def changed(self, kind: str, added: bool, item: str) -> None:
+        """A session or task id was added to (or forgotten by) this host: publish it soon (the sync loop wakes)."""
+        if self._tracking:
+            self._pending[kind][item] = added
+            self._wake.set()
+
+    def _take_snapshot(self) -> LocalState:
+        """Everything this host holds now; what was pending is in it (and later changes pile up from here)."""
+        self.snapshots += 1
+        state = self._snapshot()
+        self._pending = {"sessions": {}, "tasks": {}}
+        self._tracking = True
+        return state
+
     async def _sync_forever(self) -> None:
-        while not await sleep_or_stop(self._stop, SYNC_INTERVAL):
+        while not self._stop.is_set():
+            if not any(self._pending.values()):
+                try:
+                    async with asyncio.timeout(SYNC_INTERVAL):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+            if self._stop.is_set():
+                return
             await self._sync_once()
 
     async def _renew_forever(self) -> None:
@@ -144,21 +171,30 @@ class Registrar:
             if await self._client.keepalive(self._published.lease) <= 0:
                 raise EtcdError(f"lease {self._published.lease:x} expired; registering again")
 
-    async def _sync_once(self) -> None:
-        """Write what changed since the last sync: new claims first (a client may use an id at once), then the
-        record, then claims that ended."""
-        now = self._snapshot()
+    async def _sync_once(self, full: LocalState | None = None) -> None:
+        """Write what changed since the last write (everything in `full`, when registering): new claims first (a
+        client may use an id at once), then the record, then claims that ended."""
+        self._wake.clear()
         published = self._published
+        if full is not None:
+            added = {"sessions": set(full.sessions), "tasks": set(full.tasks)}
+            gone = {kind: published.claims[kind] - ids for kind, ids in added.items()}
+            status = full.status
+        else:
+            pending, self._pending = self._pending, {"sessions": {}, "tasks": {}}
+            added = {kind: {i for i, new in ids.items() if new} for kind, ids in pending.items()}
+            gone = {kind: {i for i, new in ids.items() if not new} for kind, ids in pending.items()}
+            status = self._status()
         lease, records = published.lease, self.records_lease
-        for kind, ids in (("sessions", now.sessions), ("tasks", now.tasks)):
-            added = ids - published.claims[kind]
-            if added:
-                claims = [put_op(f"{PREFIX}{kind}/{i}", self.host_id, lease) for i in added]
-                owners = [put_op(record_key(kind, i), self.host_id, records) for i in added]
+        for kind, ids in added.items():
+            new = ids - published.claims[kind]
+            if new:
+                claims = [put_op(f"{PREFIX}{kind}/{i}", self.host_id, lease) for i in new]
+                owners = [put_op(record_key(kind, i), self.host_id, records) for i in new]
                 await self._txns(claims, owners)
-                published.claims[kind] |= added
+                published.claims[kind] |= new
         record = HostRecord(
-            self.host_id, self._url, self._version, now.gpus, time.time(), now.live_sessions, now.active_tasks
+            self.host_id, self._url, self._version, status.gpus, time.time(), status.live_sessions, status.active_tasks
         )
         # Rewritten when anything in it changed, and every TTL anyway, so `updated` says when it was last seen.
         last = published.record
@@ -169,12 +205,12 @@ class Registrar:
         ):
             await self._client.put(HOSTS + self.host_id, record.to_json(), lease)
             published.record = record
-        for kind, ids in (("sessions", now.sessions), ("tasks", now.tasks)):
-            gone = published.claims[kind] - ids
-            if gone:
-                claims = [delete_op(f"{PREFIX}{kind}/{i}") for i in gone]
-                await self._txns(claims, [delete_op(record_key(kind, i)) for i in gone])
-                published.claims[kind] -= gone
+        for kind, ids in gone.items():
+            ended = ids & published.claims[kind]
+            if ended:
+                claims = [delete_op(f"{PREFIX}{kind}/{i}") for i in ended]
+                await self._txns(claims, [delete_op(record_key(kind, i)) for i in ended])
+                published.claims[kind] -= ended
 
     async def _txns(self, claims: list[dict[str, Any]], owners: list[dict[str, Any]]) -> None:
         """Each claim's op with its owner record's, in transactions of TXN_IDS ids sent together."""
@@ -184,6 +220,7 @@ class Registrar:
     async def stop(self) -> None:
         """Leave the fleet: revoke the lease, so this host's record and claims go at once."""
         self._stop.set()
+        self._wake.set()
         if self._published.lease:
             try:
                 await self._client.revoke(self._published.lease)

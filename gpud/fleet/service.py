@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 from gpud import __version__
 from gpud.errors import ConfigError
 from gpud.fleet.etcd import EtcdClient, EtcdError, EtcdOptions, EtcdUnavailable, sleep_or_stop
+from gpud.fleet.local import LocalSource
 from gpud.fleet.metrics import FleetMetrics
-from gpud.fleet.registration import RETRY_INTERVAL, LocalState, Registrar, record_key
+from gpud.fleet.registration import RETRY_INTERVAL, Registrar, record_key
 from gpud.fleet.upstream import UpstreamPool
 from gpud.fleet.view import HOSTS, PREFIX, WATCH_END, FleetView, GpuState, HostRecord
 from gpud.gpu.inventory import GpuInventory
@@ -34,10 +35,15 @@ _HOST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # How long connecting to another host for a forwarded request may take before it counts as not answering.
 CONNECT_TIMEOUT_SECONDS = 3.0
 # An id with neither a claim in the view nor an owner record in etcd may have been created on another host a moment
-# ago: its owner publishes new ids every SYNC_INTERVAL (50 ms) in one etcd write, while the client may learn the id
-# from the first event of the submission's stream and use it on another host a few ms later. This is how long such
-# an id waits for its claim to arrive through the watch before this host answers 404 itself (3 sync intervals).
-CLAIM_GRACE_SECONDS = 0.15
+# ago: its owner writes a new id's claim and owner record as soon as its registry has it (one etcd transaction,
+# started in the next loop iteration: measured 7-10 ms after the client read the id, one etcd write on this
+# loaded test machine; tests/fleet/test_publication.py), while the client may learn the id from the first event of
+# the submission's stream and use it on another host a few ms later. This is how long such an id waits for its
+# claim to arrive through the watch before this host answers 404 itself: about five times the measured delay (it
+# was 150 ms when new ids were published on a 50 ms tick).
+CLAIM_GRACE_SECONDS = 0.05
+# How often the view is checked meanwhile.
+CLAIM_POLL_SECONDS = 0.005
 
 
 @dataclass(frozen=True)
@@ -125,19 +131,29 @@ class Fleet:
         self._tasks = tasks
         self.client = EtcdClient(config.etcd)
         self.view = FleetView()
+        self.local = LocalSource(tasks.sessions.registry, tasks.registry, self.gpu_states)
         self.registrar = Registrar(
-            self.client, config.host_id, config.url, __version__, config.ttl, self.local_state, config.record_ttl
+            self.client,
+            config.host_id,
+            config.url,
+            __version__,
+            config.ttl,
+            self.local.snapshot,
+            self.local.status,
+            config.record_ttl,
         )
+        # Each id added or forgotten reaches the registrar as it happens (no scan of every retained task per tick).
+        self.local.listen(self.registrar.changed)
         self.metrics = FleetMetrics(metrics.registry, lambda: float(len(self.view.hosts)))
         self.watch_error: str | None = "not listed yet"
         self.upstream = UpstreamPool(CONNECT_TIMEOUT_SECONDS)
         self._loops: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
-    def local_state(self) -> LocalState:
-        """GPU states and the ids this host answers for, now."""
+    def gpu_states(self) -> tuple[GpuState, ...]:
+        """This host's GPUs as its record shows them (polled at each sync tick: a handful of GPUs)."""
         unhealthy = self._inventory.unhealthy()
-        gpus = tuple(
+        return tuple(
             GpuState(
                 index=gpu.index,
                 tier=gpu.difficulty,
@@ -146,17 +162,6 @@ class Fleet:
                 healthy=gpu.index not in unhealthy,
             )
             for gpu in self._inventory.gpus
-        )
-        # Every session and task still in memory (ended ones too, for a while): another host then forwards a
-        # request for one to this host, which answers as it would itself (410 ended, the task's result, ...).
-        sessions = self._tasks.sessions.registry.all()
-        tasks = self._tasks.registry.all()
-        return LocalState(
-            gpus=gpus,
-            sessions=frozenset(s.id for s in sessions),
-            tasks=frozenset(t.id for t in tasks),
-            live_sessions=sum(1 for s in sessions if not s.is_over),
-            active_tasks=sum(1 for t in tasks if not t.final),
         )
 
     async def start(self) -> None:
@@ -236,7 +241,7 @@ class Fleet:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CLAIM_GRACE_SECONDS
         while loop.time() < deadline:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(CLAIM_POLL_SECONDS)
             found = self.route(kind, item)
             if found is not LOCAL:
                 return found

@@ -52,10 +52,18 @@ class TaskRegistry:
         self._on_running = on_running
         self._records = records
         self._on_first_output = on_first_output
+        self._watcher: Callable[[bool, Task], None] | None = None
+
+    def watch(self, watcher: Callable[[bool, Task], None]) -> None:
+        """Call `watcher(True, task)` when a task is added and `watcher(False, task)` when it is forgotten (fleet
+        mode publishes the ids this host holds from these, rather than scanning every retained task)."""
+        self._watcher = watcher
 
     def add(self, task: Task) -> None:
         """Register a new task."""
         self._tasks[task.id] = task
+        if self._watcher is not None:
+            self._watcher(True, task)
         task.on_finish = self._finished
         task.on_running = self._running
         task.on_first_output = self._on_first_output
@@ -107,7 +115,9 @@ class TaskRegistry:
         cutoff = (now or time.time()) - self._retention()
         old = [t.id for t in self._tasks.values() if t.final and (t.finished_at or 0) < cutoff]
         for task_id in old:
-            del self._tasks[task_id]
+            task = self._tasks.pop(task_id)
+            if self._watcher is not None:
+                self._watcher(False, task)
             held = self._held.pop(task_id, None)
             self._held_bytes -= held[1] if held is not None else self._fixed.pop(task_id, 0)
         self._trim()

@@ -184,10 +184,18 @@ class SessionRegistry:
     def __init__(self, records: SessionRecords | None = None) -> None:
         self._sessions: dict[str, Session] = {}
         self._records = records
+        self._watcher: Callable[[bool, Session], None] | None = None
+
+    def watch(self, watcher: Callable[[bool, Session], None]) -> None:
+        """Call `watcher(True, session)` when a session is added and `watcher(False, session)` when it is
+        forgotten (fleet mode publishes the ids this host holds from these)."""
+        self._watcher = watcher
 
     def add(self, session: Session) -> None:
         """Register a new session."""
         self._sessions[session.id] = session
+        if self._watcher is not None:
+            self._watcher(True, session)
         if self._records is not None:
             session.on_change = self._records.session_changed
             session.changed()
@@ -212,4 +220,6 @@ class SessionRegistry:
     def purge(self, older_than: float) -> None:
         """Forget sessions that ended before the given clock.monotonic reading."""
         for session_id in [s.id for s in self._sessions.values() if s.ended is not None and s.ended < older_than]:
-            del self._sessions[session_id]
+            session = self._sessions.pop(session_id)
+            if self._watcher is not None:
+                self._watcher(False, session)
