@@ -14,7 +14,6 @@ untimed. With the process runtime the worker command runs directly. Rounds alter
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -39,9 +38,9 @@ from bench.common import (
     first,
     median,
     percentile,
-    podman_available,
     podman_cli,
     running_gpud,
+    runtime_args,
     submit,
 )
 from gpud.worker import sdk_source_path
@@ -155,11 +154,8 @@ async def measure(runtime: str, rounds: int) -> dict[str, list[float]]:
 
 def main() -> None:
     """Parse flags, measure, print, emit."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runtime", choices=["podman", "process"], default=None)
-    parser.add_argument("--rounds", type=int, default=9)
-    args = parser.parse_args()
-    runtime = args.runtime or ("podman" if podman_available() else "process")
+    args = runtime_args(__doc__.splitlines()[0], rounds=9)
+    runtime = args.runtime
     s = asyncio.run(measure(runtime, args.rounds))
     g, b = median(s["gpud"]), median(s["direct"])
     what = "podman run -d until ready" if runtime == "podman" else "the worker run directly until ready"

@@ -14,7 +14,6 @@ directly. Rounds alternate. Prints medians, p90, the ratio gpud/baseline and gpu
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import subprocess
 import sys
@@ -33,9 +32,9 @@ from bench.common import (
     emit,
     median,
     percentile,
-    podman_available,
     podman_cli,
     running_gpud,
+    runtime_args,
     submit,
 )
 
@@ -104,11 +103,8 @@ def phase_name(event: str, data: dict[str, object]) -> str:
 
 def main() -> None:
     """Parse flags, measure, print, emit."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runtime", choices=["podman", "process"], default=None)
-    parser.add_argument("--rounds", type=int, default=15)
-    args = parser.parse_args()
-    runtime = args.runtime or ("podman" if podman_available() else "process")
+    args = runtime_args(__doc__.splitlines()[0], rounds=15)
+    runtime = args.runtime
     samples = asyncio.run(measure(runtime, args.rounds))
     ours, theirs = samples["gpud"], samples["cli"]
     assert isinstance(ours, list) and isinstance(theirs, list)

@@ -7,6 +7,7 @@ Every benchmark prints its human report and, last, one line `BENCH-RESULT {json}
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -62,6 +63,17 @@ def percentile(values: Sequence[float], q: float) -> float:
 def podman_available() -> bool:
     """Whether the private Podman engine's API socket is there (scripts/engines.sh start)."""
     return os.path.exists(PODMAN_SOCKET) and shutil.which("podman") is not None
+
+
+def runtime_args(description: str, rounds: int) -> argparse.Namespace:
+    """The flags of a benchmark that runs gpud on a runtime: --runtime (default: podman when its engine is there,
+    else process) and --rounds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runtime", choices=["podman", "process"], default=None)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    args = parser.parse_args()
+    args.runtime = args.runtime or ("podman" if podman_available() else "process")
+    return args
 
 
 def podman_cli() -> list[str]:

@@ -129,3 +129,11 @@ def run_gpuctl(
         timeout=timeout,
         check=False,
     )
+
+
+def end_live_sessions(host: GpudHost) -> None:
+    """Kill every session still live on `host` (a test's leftovers), through the admin socket."""
+    _, body = host.daemon.request("GET", "/api/sessions", admin=True)
+    for session in body["sessions"]:
+        if session["state"] not in ("stopped", "failed"):
+            host.daemon.request("DELETE", f"/api/sessions/{session['session_id']}", admin=True)

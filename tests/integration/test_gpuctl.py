@@ -28,7 +28,15 @@ from gpuctl.client import DEFAULT_SOCKET, SocketChoice, resolve_socket
 from gpud import __version__
 from tests.daemonproc import REPO
 from tests.integration.cutproxy import CuttingProxy
-from tests.integration.gpuctl_env import MODEL_ID, TOKENS, GpudHost, gpuctl_command, gpuctl_env, start_host
+from tests.integration.gpuctl_env import (
+    MODEL_ID,
+    TOKENS,
+    GpudHost,
+    end_live_sessions,
+    gpuctl_command,
+    gpuctl_env,
+    start_host,
+)
 from tests.waiting import wait_for
 
 FETCH_MODEL = "fetched-model"
@@ -109,10 +117,7 @@ def host(file_service: str) -> Iterator[GpudHost]:
 def clean(host: GpudHost) -> Iterator[None]:
     """After each test: kill live sessions, undrain GPUs, so the next test starts from an idle daemon."""
     yield
-    _, body = host.daemon.request("GET", "/api/sessions", admin=True)
-    for session in body["sessions"]:
-        if session["state"] not in ("stopped", "failed"):
-            host.daemon.request("DELETE", f"/api/sessions/{session['session_id']}", admin=True)
+    end_live_sessions(host)
     for gpu_id in (0, 1):
         host.daemon.request("POST", f"/api/gpus/{gpu_id}/undrain", admin=True)
 

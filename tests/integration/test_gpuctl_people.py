@@ -23,7 +23,16 @@ from click.testing import CliRunner
 
 from gpuctl.cli import cli
 from tests.daemonproc import REPO
-from tests.integration.gpuctl_env import MODEL_ID, TOKENS, GpudHost, gpuctl_command, gpuctl_env, start_host
+from tests.integration.gpuctl_env import (
+    MODEL_ID,
+    TOKENS,
+    GpudHost,
+    end_live_sessions,
+    gpuctl_command,
+    gpuctl_env,
+    run_gpuctl,
+    start_host,
+)
 
 
 @dataclass
@@ -58,23 +67,12 @@ def host() -> Iterator[GpudHost]:
 def clean(host: GpudHost) -> Iterator[None]:
     """Each test starts with no live session (a session holds the only `low` GPU)."""
     yield
-    _, body = host.daemon.request("GET", "/api/sessions", admin=True)
-    for session in body["sessions"]:
-        if session["state"] not in ("stopped", "failed"):
-            host.daemon.request("DELETE", f"/api/sessions/{session['session_id']}", admin=True)
+    end_live_sessions(host)
 
 
 def run(socket: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Result:
     """gpuctl as a real process against `socket`."""
-    proc = subprocess.run(
-        [*gpuctl_command(), "--socket", socket, *args],
-        capture_output=True,
-        text=True,
-        env=gpuctl_env(env),
-        cwd=REPO,
-        timeout=timeout,
-        check=False,
-    )
+    proc = run_gpuctl(socket, args, env=env, timeout=timeout)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -20,6 +20,23 @@ def entry(stream: bytes, flag: bytes, content: bytes) -> bytes:
     return TS + b" " + stream + b" " + flag + b" " + content + b"\n"
 
 
+def following(path: Path) -> tuple[asyncio.Future[None], list[LogLine], asyncio.Task[None]]:
+    """follow_log_file on `path` in a task: the future that ends it (the container's exit), the lines so far, and
+    the task."""
+    exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def wait_exit() -> None:
+        await exited
+
+    lines: list[LogLine] = []
+
+    async def follow() -> None:
+        async for line in follow_log_file(str(path), True, wait_exit):
+            lines.append(line)
+
+    return exited, lines, asyncio.create_task(follow())
+
+
 def test_entries_keep_bytes_and_newlines_and_wait_for_a_whole_entry() -> None:
     data = (
         entry(b"stdout", b"P", b"a b  c ")  # spaces inside the content are content
@@ -38,18 +55,7 @@ def test_entries_keep_bytes_and_newlines_and_wait_for_a_whole_entry() -> None:
 async def test_a_growing_file_is_followed_until_the_exit_and_read_to_its_end(tmp_path: Path) -> None:
     path = tmp_path / "ctr.log"
     path.write_bytes(entry(b"stdout", b"F", b"one"))
-    exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    async def wait_exit() -> None:
-        await exited
-
-    lines: list[LogLine] = []
-
-    async def follow() -> None:
-        async for line in follow_log_file(str(path), True, wait_exit):
-            lines.append(line)
-
-    reader = asyncio.create_task(follow())
+    exited, lines, reader = following(path)
     await asyncio.sleep(0.1)
     assert [line.line for line in lines] == ["one"] and not reader.done()
     with path.open("ab") as log:
@@ -65,18 +71,7 @@ async def test_a_growing_file_is_followed_until_the_exit_and_read_to_its_end(tmp
 async def test_a_rotated_file_is_read_on_in_its_new_file(tmp_path: Path) -> None:
     path = tmp_path / "ctr.log"
     path.write_bytes(entry(b"stdout", b"F", b"old"))
-    exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    async def wait_exit() -> None:
-        await exited
-
-    lines: list[LogLine] = []
-
-    async def follow() -> None:
-        async for line in follow_log_file(str(path), True, wait_exit):
-            lines.append(line)
-
-    reader = asyncio.create_task(follow())
+    exited, lines, reader = following(path)
     await asyncio.sleep(0.1)
     (tmp_path / "ctr.log.tmp").write_bytes(entry(b"stdout", b"F", b"new"))
     (tmp_path / "ctr.log.tmp").rename(path)  # as conmon rotates a log that reached its size limit
