@@ -69,12 +69,15 @@ async def read_json_object(request: web.Request) -> dict[str, object]:
     The whole body must arrive within GPUD_BODY_TIMEOUT_SECONDS (else 408 and the connection closes): a body sent
     a byte at a time would otherwise hold its connection, and the guard's deadlines do not run during a request.
     """
-    limit = request.app[keys.CONFIG].settings.body_timeout_seconds
-    try:
-        async with asyncio.timeout(limit):
-            body = await request.read()
-    except TimeoutError:
-        raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {limit:g} s") from None
+    if request.content.is_eof():  # the whole body came with the head (the usual small submission): no timer
+        body = await request.read()
+    else:
+        limit = request.app[keys.CONFIG].settings.body_timeout_seconds
+        try:
+            async with asyncio.timeout(limit):
+                body = await request.read()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {limit:g} s") from None
     try:
         # Strict: NaN/Infinity, out-of-range numbers, lone surrogates and nesting deeper than 64 are refused
         # here, so nothing unencodable (or recursive enough to blow the stack) reaches a task.

@@ -2,15 +2,22 @@
 
 gpud writes its events and heartbeats itself, from the one coroutine that writes a stream (gpud/api/sse.py): the
 library's ping task could write between the slices of a big event, and it costs a task per stream. So `prepare`
-here keeps the library's headers and TCP_USER_TIMEOUT (restored by its `write_eof`) and starts no ping task; it can
-also hold the headers back to go out with the first events (one packet instead of two).
+here keeps the library's headers and TCP_USER_TIMEOUT (set once per connection, and left set) and starts no ping
+task; it can also hold the headers back to go out with the first events (one packet instead of two).
 """
 
 from __future__ import annotations
 
+import socket
+import weakref
+from typing import Any
+
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
+
+# The TCP_USER_TIMEOUT (ms) set on each connection: set by its first stream and left set (see _set_tcp_user_timeout).
+_USER_TIMEOUT_SET: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
 class EventStreamResponse(EventSourceResponse):
@@ -34,3 +41,21 @@ class EventStreamResponse(EventSourceResponse):
         writer = await web.StreamResponse.prepare(self, request)
         self.enable_chunked_encoding()  # as the library does: no length is known beforehand
         return writer
+
+    def _set_tcp_user_timeout(self, request: web.BaseRequest) -> None:
+        """Set TCP_USER_TIMEOUT once per connection and leave it set: the library saves and restores it around each
+        response, three syscalls per task on a keep-alive connection. Any gpud client that acknowledges nothing
+        for the send time-out is gone, whatever it asked for."""
+        transport = request.transport
+        timeout = self._send_timeout
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if transport is None or timeout is None or option is None:
+            return
+        wanted = int(timeout * 1000)
+        if _USER_TIMEOUT_SET.get(transport) == wanted:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, option, wanted)
+        _USER_TIMEOUT_SET[transport] = wanted

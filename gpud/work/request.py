@@ -40,8 +40,16 @@ class TaskRequest:
     session_id: str | None = None
 
 
-def parse_task_request(body: Mapping[str, Any], default_timeout: float, max_timeout: float) -> TaskRequest:
-    """Validate a submission; raise InvalidRequest naming the first bad field."""
+# Re-encoded (ASCII escapes, spaced separators), JSON grows by at most this factor: a body up to MAX/this size
+# cannot hold metadata over the limit, and is not encoded again to find out.
+_GROWTH = 6
+
+
+def parse_task_request(
+    body: Mapping[str, Any], default_timeout: float, max_timeout: float, *, strict_json_bytes: int | None = None
+) -> TaskRequest:
+    """Validate a submission; raise InvalidRequest naming the first bad field. `strict_json_bytes`: the size of the
+    JSON text `body` was parsed from by gpud's strict parser (the API's), whose values are acceptable already."""
     unknown = sorted(set(body) - _FIELDS)
     if unknown:
         raise _bad(unknown[0], f"unknown field {unknown[0]!r}")
@@ -56,10 +64,11 @@ def parse_task_request(body: Mapping[str, Any], default_timeout: float, max_time
         metadata = {}
     if not isinstance(metadata, dict):
         raise _bad("metadata", "metadata must be a JSON object")
-    problem = problem_of(metadata)  # the API's parser refuses these already; metadata may come from elsewhere
+    problem = None if strict_json_bytes is not None else problem_of(metadata)  # metadata may come from elsewhere
     if problem:
         raise _bad("metadata", f"metadata is not acceptable: {problem}")
-    if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+    small = strict_json_bytes is not None and strict_json_bytes * _GROWTH <= MAX_METADATA_BYTES
+    if not small and len(json.dumps(metadata)) > MAX_METADATA_BYTES:
         raise _bad("metadata", f"metadata is larger than {MAX_METADATA_BYTES} bytes")
     timeout = _timeout(body.get("timeout_seconds"), default_timeout, max_timeout)
     session_id = body.get("session_id")

@@ -13,8 +13,10 @@ from gpud.work.request import parse_task_request
 async def submit(request: web.Request) -> web.StreamResponse:
     """POST /api/tasks/submit: errors found before work starts are JSON; then the task's event stream."""
     settings = request.app[keys.CONFIG].settings
-    body = await read_json_object(request)
-    task_request = parse_task_request(body, settings.default_task_timeout, settings.max_task_timeout)
+    body = await read_json_object(request)  # strict: what parse_task_request would check again is refused here
+    task_request = parse_task_request(
+        body, settings.default_task_timeout, settings.max_task_timeout, strict_json_bytes=request.content_length
+    )
     task = await request.app[keys.TASKS].submit(task_request)
     return await stream_task_events(
         request,
