@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gpud.fleet.view import GpuState
 from gpud.work.registry import TaskRegistry
@@ -56,20 +57,19 @@ class LocalSource:
         self._tasks.watch(self._task_seen)
 
     def _session_seen(self, added: bool, session: Session) -> None:
-        if added and not session.is_over:
-            self._live[session.id] = session
-        elif not added:
-            self._live.pop(session.id, None)
-        if self._notify is not None:
-            self._notify("sessions", added, session.id)
+        self._seen("sessions", self._live, added, session, session.is_over)
 
     def _task_seen(self, added: bool, task: Task) -> None:
-        if added and not task.final:
-            self._active[task.id] = task
+        self._seen("tasks", self._active, added, task, task.final)
+
+    def _seen(self, kind: str, current: dict[str, Any], added: bool, item: Session | Task, ended: bool) -> None:
+        """An id added to or forgotten by a registry: kept among the current ones while it has not ended, and told."""
+        if added and not ended:
+            current[item.id] = item
         elif not added:
-            self._active.pop(task.id, None)
+            current.pop(item.id, None)
         if self._notify is not None:
-            self._notify("tasks", added, task.id)
+            self._notify(kind, added, item.id)
 
     def status(self) -> HostStatus:
         """GPU states and the live counts, now: costs the GPUs and the live sessions and tasks only."""

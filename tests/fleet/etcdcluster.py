@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.daemonproc import free_port
+from tests.daemonproc import free_port, stop_process
 from tests.fleet.tlscerts import TlsFiles
 from tests.waiting import wait_for
 
@@ -193,10 +193,5 @@ class EtcdCluster:
     def stop(self) -> None:
         """Stop every member (SIGTERM, then SIGKILL)."""
         for member in self.members:
-            if member.proc is not None and member.proc.poll() is None:
-                member.proc.terminate()
-                try:
-                    member.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    member.proc.kill()
-                    member.proc.wait()
+            if member.proc is not None:
+                stop_process(member.proc)

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from tests.daemonproc import free_port
+from tests.daemonproc import free_port, stop_process
 from tests.monitoring.shipped import RULES, SCRAPE_CONFIG, require_tool
 from tests.waiting import wait_for
 
@@ -118,10 +118,5 @@ class Prometheus:
 
     def stop(self) -> None:
         """Stop the Prometheus this object started (SIGTERM, then SIGKILL)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, grace=20)
