@@ -63,21 +63,25 @@ def from_http(exc: web.HTTPException) -> web.Response:
     return response
 
 
-async def read_json_object(request: web.Request) -> dict[str, object]:
-    """The request body as a JSON object, or a 400 domain error saying what is wrong with it.
+async def read_body(request: web.Request) -> bytes:
+    """The request body (cached by aiohttp: later reads get the same bytes).
 
     The whole body must arrive within GPUD_BODY_TIMEOUT_SECONDS (else 408 and the connection closes): a body sent
     a byte at a time would otherwise hold its connection, and the guard's deadlines do not run during a request.
     """
     if request.content.is_eof():  # the whole body came with the head (the usual small submission): no timer
-        body = await request.read()
-    else:
-        limit = request.app[keys.CONFIG].settings.body_timeout_seconds
-        try:
-            async with asyncio.timeout(limit):
-                body = await request.read()
-        except TimeoutError:
-            raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {limit:g} s") from None
+        return await request.read()
+    limit = request.app[keys.CONFIG].settings.body_timeout_seconds
+    try:
+        async with asyncio.timeout(limit):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {limit:g} s") from None
+
+
+async def read_json_object(request: web.Request) -> dict[str, object]:
+    """The request body (read_body) as a JSON object, or a 400 domain error saying what is wrong with it."""
+    body = await read_body(request)
     try:
         # Strict: NaN/Infinity, out-of-range numbers, lone surrogates and nesting deeper than 64 are refused
         # here, so nothing unencodable (or recursive enough to blow the stack) reaches a task.

@@ -8,7 +8,6 @@ proves it comes from a fleet host and marks it as forwarded: it is served where 
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -99,7 +98,7 @@ async def _owned(request: web.Request, handler: Any, fleet: Fleet, kind: str, it
             f"{kind[:-1]} {item} was on host {route.host}, which has left the fleet (its etcd lease expired)",
             code="host_lost",
         )
-    body = await _body(request) if request.body_exists else b""
+    body = await errors.read_body(request) if request.body_exists else b""
     response = await forward(request, fleet, route, body)
     assert response is not None
     return response
@@ -107,7 +106,7 @@ async def _owned(request: web.Request, handler: Any, fleet: Fleet, kind: str, it
 
 async def _submit(request: web.Request, handler: Any, fleet: Fleet) -> web.StreamResponse:
     """POST /api/tasks/submit: to the session's owner; a new task here, else on a host with a free GPU."""
-    body = await _body(request)
+    body = await errors.read_body(request)
     try:
         data = json.loads(body)
     except ValueError:
@@ -151,13 +150,3 @@ async def _spill(request: web.Request, fleet: Fleet, body: bytes, tier: str) -> 
         if response is not None:
             return response
     return None
-
-
-async def _body(request: web.Request) -> bytes:
-    """The request body (cached by aiohttp: the handler reads the same bytes), within the body time-out."""
-    limit = request.app[keys.CONFIG].settings.body_timeout_seconds
-    try:
-        async with asyncio.timeout(limit):
-            return await request.read()
-    except TimeoutError:
-        raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {limit:g} s") from None
